@@ -1,0 +1,178 @@
+"""The FastAPI app: routes, middleware, and the engine's lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+
+from engine.api.chat import create_chat_completion
+from engine.api.completions import create_completion
+from engine.api.errors import APIError, install_error_handlers
+from engine.api.generation import ClientDisconnected
+from engine.api.middleware import RequestContextMiddleware
+from engine.api.schemas import ChatCompletionRequest, CompletionRequest
+from engine.api.state import EngineLike, ServerState
+from engine.api.streaming import CLIENT_CLOSED
+from engine.config import Settings
+
+log = logging.getLogger("engine.api")
+
+WATCHDOG_INTERVAL_S = 1.0
+
+
+def _json(obj: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(obj), status_code=status, media_type="application/json")
+
+
+def _exit_process() -> None:
+    # Through SIGTERM so the server shuts down the way an orchestrator would.
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def create_app(
+    settings: Settings,
+    engine: EngineLike | None = None,
+    on_fatal: Callable[[], None] = _exit_process,
+) -> FastAPI:
+    """Build the app. The engine starts (in a thread) when the app starts."""
+    if engine is None:
+        from engine.llm import Engine
+
+        engine = Engine(settings.engine)
+    state = ServerState(settings, engine)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tasks = [
+            asyncio.create_task(_load_engine(state, on_fatal), name="engine-loader"),
+            asyncio.create_task(_watch_engine(state, on_fatal), name="engine-watchdog"),
+        ]
+        try:
+            yield
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.to_thread(state.engine.shutdown)
+
+    app = FastAPI(
+        title="codellama-serve",
+        summary="OpenAI-compatible API for Code Llama on vLLM",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.server = state
+    install_error_handlers(app)
+    app.add_middleware(RequestContextMiddleware, state=state)
+
+    @app.post("/v1/completions", response_model=None, tags=["openai"])
+    async def completions(request: Request, body: CompletionRequest) -> Response:
+        return await _guard(create_completion(request, body, state))
+
+    @app.post("/v1/chat/completions", response_model=None, tags=["openai"])
+    async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
+        return await _guard(create_chat_completion(request, body, state))
+
+    @app.get("/v1/models", tags=["openai"])
+    async def models() -> Response:
+        if state.engine.info is None:
+            raise APIError(503, "The model is still loading.", code="model_loading",
+                           headers={"Retry-After": "5"})  # fmt: skip
+        return _json({"object": "list", "data": [_model_card(state)]})
+
+    @app.get("/v1/models/{model_id:path}", tags=["openai"])
+    async def model(model_id: str) -> Response:
+        if state.engine.info is None:
+            raise APIError(503, "The model is still loading.", code="model_loading",
+                           headers={"Retry-After": "5"})  # fmt: skip
+        if model_id != state.model.served_name:
+            raise APIError(404, f"The model '{model_id}' does not exist.", param="model",
+                           code="model_not_found")  # fmt: skip
+        return _json(_model_card(state))
+
+    @app.get("/health", tags=["ops"])
+    async def health() -> Response:
+        """Liveness: the process is up and its engine has not died (loading is alive)."""
+        if state.engine.dead:
+            return _json({"status": "engine_dead", "detail": state.fatal}, 503)
+        if state.engine.ready:
+            try:
+                await asyncio.wait_for(state.engine.check_health(), timeout=5)
+            except Exception as e:
+                return _json({"status": "engine_dead", "detail": str(e)}, 503)
+        return _json({"status": "ok" if state.engine.ready else "loading"})
+
+    @app.get("/ready", tags=["ops"])
+    async def ready() -> Response:
+        """Readiness: the engine is loaded and this server takes new requests."""
+        if state.accepting:
+            return _json({"status": "ready", "model": state.model.served_name})
+        reason = (
+            "engine_dead" if state.engine.dead
+            else "draining" if state.draining
+            else "loading"
+        )  # fmt: skip
+        return _json({"status": reason}, 503)
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics() -> Response:
+        body, content_type = state.metrics.render()
+        return Response(body, media_type=content_type)
+
+    return app
+
+
+async def _guard(handler: Any) -> Response:
+    try:
+        return await handler
+    except ClientDisconnected:
+        return Response(status_code=CLIENT_CLOSED)
+
+
+def _model_card(state: ServerState) -> dict[str, Any]:
+    info = state.model
+    return {
+        "id": info.served_name,
+        "object": "model",
+        "created": int(state.started_at),
+        "owned_by": "codellama-serve",
+        "root": info.name,
+        "max_model_len": info.max_model_len,
+        "capabilities": {
+            "chat": bool(state.caps and state.caps.chat),
+            "infill": bool(state.caps and state.caps.infill),
+        },
+    }
+
+
+async def _load_engine(state: ServerState, on_fatal: Callable[[], None]) -> None:
+    try:
+        info = await asyncio.to_thread(state.engine.start)
+        state.on_engine_started(info)
+        log.info("serving %s (context %d tokens)", info.served_name, info.max_model_len)
+    except asyncio.CancelledError:
+        raise
+    except BaseException as e:
+        log.exception("the engine failed to start")
+        state.fatal = f"the engine failed to start: {e}"
+        on_fatal()
+
+
+async def _watch_engine(state: ServerState, on_fatal: Callable[[], None]) -> None:
+    """Notice a dead engine within a second: fail health, then have the process exit non-zero."""
+    while True:
+        await asyncio.sleep(WATCHDOG_INTERVAL_S)
+        if state.engine.dead and state.fatal is None:
+            state.fatal = "the engine process died"
+            log.error("the engine process died; exiting so the orchestrator restarts us")
+            on_fatal()
+            return

@@ -1,0 +1,121 @@
+"""Pure-ASGI middleware: request ids, body size limit, one JSON log line per request.
+
+Pure ASGI (not Starlette's BaseHTTPMiddleware) so streamed responses pass
+through untouched and cost one extra function call per frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine.api.errors import APIError
+
+if TYPE_CHECKING:
+    from engine.api.state import ServerState
+
+access_log = logging.getLogger("engine.access")
+
+REQUEST_ID_HEADER = b"x-request-id"
+_SAFE_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.monotonic()
+        request_id = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        limit = self.state.settings.server.max_body_bytes
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (REQUEST_ID_HEADER, request_id.encode()),
+                ]
+            await send(message)
+
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await _too_large(limit, send_with_id)
+        else:
+            received = 0
+
+            async def receive_limited() -> Message:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > limit:
+                        raise BodyTooLarge()
+                return message
+
+            try:
+                await self.app(scope, receive_limited, send_with_id)
+            except BodyTooLarge:
+                if status == 0:
+                    await _too_large(limit, send_with_id)
+        if self.state.settings.server.access_log:
+            _log_request(scope, request_id, status, started)
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == REQUEST_ID_HEADER and _SAFE_ID.match(value):
+            return value.decode()
+    return uuid.uuid4().hex
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _too_large(limit: int, send: Send) -> None:
+    error = APIError(
+        413, f"The request body exceeds the limit of {limit} bytes.", code="body_too_large"
+    )
+    body = orjson.dumps(error.body())
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _log_request(scope: Scope, request_id: str, status: int, started: float) -> None:
+    record: dict[str, Any] = {
+        "ts": round(time.time(), 3),
+        "request_id": request_id,
+        "method": scope.get("method"),
+        "path": scope.get("path"),
+        "status": status,
+        "duration_ms": round((time.monotonic() - started) * 1000, 2),
+    }
+    run = scope.get("state", {}).get("run")
+    if run is not None:
+        record.update(run.log_fields())
+    access_log.info(orjson.dumps(record).decode())

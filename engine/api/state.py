@@ -1,0 +1,100 @@
+"""What the API layer holds for the lifetime of the app."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from engine.codellama import Capabilities, CodeLlamaPrompts, capabilities
+from engine.config import Settings
+from engine.llm import EngineStats, ModelInfo, SamplingOptions, StepOutput
+from engine.metrics import EngineGauges, Metrics
+
+
+class EngineLike(Protocol):
+    """What the API needs from `engine.llm.Engine` (HTTP-layer tests use a named fake)."""
+
+    stats: EngineStats
+    info: ModelInfo | None
+
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def dead(self) -> bool: ...
+    @property
+    def tokenizer(self) -> Any: ...
+
+    def start(self) -> ModelInfo: ...
+    def shutdown(self) -> None: ...
+    async def check_health(self) -> None: ...
+    def generate(
+        self, request_id: str, prompt_token_ids: list[int], options: SamplingOptions
+    ) -> Any: ...
+    async def abort(self, request_id: str) -> None: ...
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    engine: EngineLike
+    metrics: Metrics = field(init=False)
+    prompts: CodeLlamaPrompts | None = None
+    caps: Capabilities | None = None
+    draining: bool = False
+    fatal: str | None = None  # why the process must exit non-zero
+    started_at: float = field(default_factory=time.time)
+    in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        e = self.engine
+        self.metrics = Metrics(
+            EngineGauges(
+                running=lambda: e.stats.running,
+                waiting=lambda: e.stats.waiting,
+                kv_cache_usage=lambda: e.stats.kv_cache_usage,
+                healthy=lambda: 0.0 if e.dead else 1.0,
+                ready=lambda: 1.0 if self.accepting else 0.0,
+            ),
+            model_name=lambda: e.info.served_name if e.info else "",
+        )
+        self.idle.set()
+
+    def on_engine_started(self, info: ModelInfo) -> None:
+        """Build what depends on the loaded tokenizer; the API serves from here on."""
+        prompts = CodeLlamaPrompts(self.engine.tokenizer)
+        f = self.settings.features
+        self.caps = capabilities(
+            info.name, info.is_demo, info.hidden_size, prompts.ids, f.chat, f.infill
+        )
+        self.prompts = prompts
+
+    @property
+    def accepting(self) -> bool:
+        return (
+            self.engine.ready
+            and self.prompts is not None
+            and not self.draining
+            and not self.engine.dead
+        )
+
+    @property
+    def model(self) -> ModelInfo:
+        assert self.engine.info is not None
+        return self.engine.info
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+        self.idle.clear()
+        self.metrics.in_flight.inc()
+
+    def request_finished(self) -> None:
+        self.in_flight -= 1
+        self.metrics.in_flight.dec()
+        if self.in_flight == 0:
+            self.idle.set()
+
+
+__all__ = ["EngineLike", "ServerState", "StepOutput"]

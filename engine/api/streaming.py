@@ -1,0 +1,58 @@
+"""Server-sent event responses that end their engine work the moment they end."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from engine.api.encoding import DONE, error_frame
+from engine.api.errors import APIError
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+CLIENT_CLOSED = 499  # nginx's status for a client that went away
+
+
+class SSEResponse(StreamingResponse):
+    """Frames as `data:` events, then `[DONE]`; an error mid-stream becomes an error event.
+
+    `finish(status)` is awaited exactly once, however the response ends: 200,
+    the error's status, or 499 when the client went away, even if it left
+    before the first frame was written (when a generator's own `finally`
+    would never run). That is where engine requests get aborted.
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        frames: AsyncIterator[bytes],
+        finish: Callable[[int], Awaitable[None]],
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self._frames = frames
+        self._finish = finish
+        self._status = CLIENT_CLOSED
+        super().__init__(self._events(), headers={**SSE_HEADERS, **(headers or {})})
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        try:
+            async for frame in self._frames:
+                yield frame
+            self._status = 200
+        except APIError as e:
+            self._status = e.status
+            yield error_frame(e.body())
+        yield DONE
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for it in (self.body_iterator, self._frames):
+                with contextlib.suppress(Exception):
+                    await it.aclose()  # type: ignore[attr-defined]
+            await self._finish(self._status)

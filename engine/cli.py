@@ -1,0 +1,162 @@
+"""`codellama-serve`: serve, build the demo model, run benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import types
+import typing
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic.fields import FieldInfo
+
+from engine.config import ConfigError, build_settings, env_var, load_yaml, sections
+
+DESCRIPTION = """\
+codellama-serve: a high-throughput OpenAI-compatible server for Code Llama on vLLM.
+
+Every flag can also be set by an environment variable (shown as [env: ...]) or
+in a YAML file given with --config (sections: engine, features, server, ...).
+A flag beats the env var, which beats the file.
+
+Examples:
+  codellama-serve serve                          # the embedded demo model on CPU
+  codellama-serve serve --model codellama/CodeLlama-13b-Instruct-hf \\
+      --tensor-parallel-size 2 --max-model-len 16384
+  codellama-serve serve --config deploy/ray/codellama.yaml --port 9000
+"""
+
+
+def _unwrap(annotation: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) for `X | None`."""
+    if get_origin(annotation) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return annotation, False
+
+
+def _add_field(group: argparse._ArgumentGroup, name: str, info: FieldInfo) -> None:
+    flag = "--" + name.replace("_", "-")
+    inner, _ = _unwrap(info.annotation)
+    default = info.get_default(call_default_factory=True)
+    shown = (
+        "none"
+        if default is None
+        else str(default).lower()
+        if isinstance(default, bool)
+        else default
+    )
+    help_text = f"{info.description or ''} [env: {env_var(name)}] (default: {shown})"
+    kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
+    if inner is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif get_origin(inner) is Literal:
+        kwargs["choices"] = list(get_args(inner))
+    elif inner in (int, float):
+        kwargs["type"] = inner
+        kwargs["metavar"] = name.upper()
+    else:
+        kwargs["metavar"] = name.upper()
+    group.add_argument(flag, **kwargs)
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "serve",
+        help="run the OpenAI-compatible server",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--config", metavar="FILE", help="YAML settings file [env: CODELLAMA_SERVE_CONFIG]"
+    )
+    p.add_argument(
+        "--ray", action="store_true",
+        help="run as a Ray Serve application (starts or joins a Ray cluster)",
+    )  # fmt: skip
+    for section, model in sections().items():
+        group = p.add_argument_group(f"{section} settings", (model.__doc__ or "").strip())
+        for name, info in model.model_fields.items():
+            _add_field(group, name, info)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="codellama-serve",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _serve_parser(sub)
+    demo = sub.add_parser(
+        "demo-model", help="build (if missing) the embedded demo model and print its path"
+    )
+    demo.add_argument("--rebuild", action="store_true", help="build again even if cached")
+    try:
+        from benchmarks.cli import add_bench_parser
+    except ModuleNotFoundError:  # TODO(issue 3): the harness lands next
+        return parser
+    add_bench_parser(sub)
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Any:
+    import os
+
+    config_file = args.config or os.environ.get("CODELLAMA_SERVE_CONFIG")
+    file_values = load_yaml(config_file) if config_file else None
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "ray")}
+    return build_settings(file_values=file_values, overrides=flags)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo-model":
+        _configure_logging("info")
+        return _demo_model(args.rebuild)
+    if args.command == "bench":
+        from benchmarks.cli import run_bench
+
+        return run_bench(args)
+    try:
+        settings = settings_from_args(args)
+    except (ConfigError, OSError) as e:
+        parser.exit(2, f"codellama-serve: {e}\n")
+    _configure_logging(settings.server.log_level)
+    from engine.llm import configure_vllm_logging
+
+    configure_vllm_logging(settings.server.log_level)
+    if args.ray:
+        from engine.ray_serve import serve_with_ray
+
+        return serve_with_ray(settings)
+    from engine.server import serve
+
+    return serve(settings)
+
+
+def _demo_model(rebuild: bool) -> int:
+    import shutil
+
+    from engine.demo_model import demo_model_path, ensure_demo_model
+
+    if rebuild:
+        shutil.rmtree(demo_model_path(), ignore_errors=True)
+    print(ensure_demo_model())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""The one source of settings: CLI flags, env vars and a YAML file.
+
+Every field of every section below is a flag (`--max-num-seqs`), an env var
+(`CODELLAMA_SERVE_MAX_NUM_SEQS`) and a key of its section in the YAML file
+(`engine: {max_num_seqs: ...}`). Precedence: flag > env var > file > default.
+Engine flags keep vLLM's names so that vLLM users feel at home.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ENV_PREFIX = "CODELLAMA_SERVE_"
+DEMO_MODEL = "demo"
+REAL_MODEL = "codellama/CodeLlama-13b-Instruct-hf"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class EngineConfig(Section):
+    """The vLLM engine: what model, how it is laid out, how it batches."""
+
+    model: str | None = Field(
+        None,
+        description="Model name on the Hugging Face hub or local path. Default: "
+        f"{REAL_MODEL} when a GPU is present, the embedded demo model ('{DEMO_MODEL}') "
+        "otherwise.",
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer name or path (default: the model's)."
+    )
+    revision: str | None = Field(None, description="Model revision (branch, tag or commit).")
+    served_model_name: str | None = Field(
+        None, description="Name clients use in the `model` field (default: the model name)."
+    )
+    download_dir: str | None = Field(None, description="Where to download and cache weights.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="Weight and activation dtype."
+    )
+    tensor_parallel_size: int = Field(
+        1, ge=1, le=64, description="GPUs per replica (tensor parallel)."
+    )
+    max_model_len: int | None = Field(
+        None,
+        ge=16,
+        description="Context window in tokens (prompt + output). Default: 16384 for Code Llama, "
+        "2048 for the demo model.",
+    )
+    max_num_seqs: int = Field(256, ge=1, description="Most sequences batched in one engine step.")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=16, description="Most tokens in one engine step (default: vLLM's)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.90, gt=0.0, le=1.0, description="Fraction of each GPU's memory vLLM may use."
+    )
+    enable_prefix_caching: bool = Field(True, description="Reuse KV cache across shared prefixes.")
+    enable_chunked_prefill: bool = Field(True, description="Split long prefills across steps.")
+    enforce_eager: bool = Field(
+        False, description="Disable CUDA graphs / compilation (always on for CPU)."
+    )
+    seed: int = Field(0, description="Engine random seed.")
+    cpu_kvcache_space_gib: float = Field(
+        1.0, gt=0, description="KV cache size in GiB when running on CPU."
+    )
+    max_logprobs: int = Field(20, ge=0, le=20, description="Most logprobs a request may ask for.")
+    distributed_executor_backend: Literal["mp", "ray"] | None = Field(
+        None, description="How tensor-parallel workers run: 'mp' or 'ray' (default: vLLM's choice)."
+    )
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model == DEMO_MODEL
+
+
+class ModelFeaturesConfig(Section):
+    """What the API offers for this checkpoint."""
+
+    chat: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Serve /v1/chat/completions with the Code Llama Instruct template. "
+        "auto: on for Instruct checkpoints and the demo model.",
+    )
+    infill: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Accept `suffix` (fill-in-the-middle). auto: on when the tokenizer has the "
+        "infill tokens and the checkpoint is a 7B/13B non-Python model.",
+    )
+
+
+class ServerConfig(Section):
+    """The HTTP server."""
+
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind (0: any free port).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level."
+    )
+    access_log: bool = Field(False, description="Log one JSON line per request.")
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 past it)."
+    )
+    max_n: int = Field(16, ge=1, le=128, description="Largest `n` (completions per prompt).")
+    max_prompts_per_request: int = Field(
+        64, ge=1, description="Most prompts in one /v1/completions request."
+    )
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="A request running longer is aborted with an error."
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
+    )
+
+
+class Settings(Section):
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    features: ModelFeaturesConfig = Field(default_factory=ModelFeaturesConfig)
+    server: ServerConfig = Field(default_factory=ServerConfig)
+
+
+def sections() -> dict[str, type[Section]]:
+    """Section name -> model class, in the order `--help` shows them."""
+    return {name: f.annotation for name, f in Settings.model_fields.items()}  # type: ignore[misc]
+
+
+def _check_flat_names_unique() -> None:
+    # Flags and env vars are flat, so a field name may live in one section only.
+    seen: set[str] = set()
+    for model in sections().values():
+        for name in model.model_fields:
+            if name in seen:
+                raise AssertionError(f"setting {name!r} is defined in two sections")
+            seen.add(name)
+
+
+_check_flat_names_unique()
+
+
+def env_var(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    text = Path(path).read_text(encoding="utf-8")
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+class ConfigError(ValueError):
+    """Settings that cannot be used, with a message meant for the user."""
+
+
+def build_settings(
+    file_values: dict[str, Any] | None = None,
+    env: dict[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Settings:
+    """Merge defaults < file < env < overrides (flat field names) into Settings."""
+    env = os.environ if env is None else env
+    merged: dict[str, dict[str, Any]] = {}
+    file_values = dict(file_values or {})
+    for section, model in sections().items():
+        values = dict(file_values.pop(section, None) or {})
+        for name in model.model_fields:
+            raw = env.get(env_var(name))
+            if raw is not None and raw != "":
+                values[name] = _parse_env(raw)
+        for name, value in (overrides or {}).items():
+            if name in model.model_fields:
+                values[name] = value
+        merged[section] = values
+    if file_values:
+        raise ConfigError(f"unknown config sections: {', '.join(sorted(file_values))}")
+    try:
+        return Settings.model_validate(merged)
+    except ValidationError as e:
+        raise ConfigError(_describe(e)) from None
+
+
+def _parse_env(raw: str) -> Any:
+    # YAML scalars give env vars the same typing as the file: 1, 0.5, true, null.
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for e in error.errors():
+        loc = [str(p) for p in e["loc"]]
+        name = loc[-1] if loc else "settings"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{'.'.join(loc)}: unknown setting")
+        else:
+            lines.append(f"--{name.replace('_', '-')} ({env_var(name)}): {e['msg']}")
+    return "invalid settings:\n  " + "\n  ".join(lines)

@@ -1,0 +1,406 @@
+"""The vLLM engine: the only module that imports vLLM.
+
+Everything vLLM-version specific lives here, so an upgrade touches one file.
+What crosses the boundary are this module's own small types: `SamplingOptions`
+in, `StepOutput` out, `EngineStats` for metrics and health.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.config import DEMO_MODEL, REAL_MODEL, EngineConfig
+
+log = logging.getLogger(__name__)
+
+DEMO_MAX_MODEL_LEN = 2048
+CODELLAMA_MAX_MODEL_LEN = 16384
+GIB = 1 << 30
+
+
+class EngineError(Exception):
+    """Base for the errors the API layer maps to HTTP statuses."""
+
+
+class EngineDeadError(EngineError):
+    """The engine process died; nothing more can be served by this process."""
+
+
+class EngineRequestError(EngineError):
+    """The engine refused the request's parameters (a client error)."""
+
+
+class EngineNotReadyError(EngineError):
+    """The engine has not finished loading."""
+
+
+# ---------------------------------------------------------------- data types
+
+
+@dataclass(slots=True)
+class SamplingOptions:
+    """What to generate, in the engine's terms (already validated by the API)."""
+
+    max_tokens: int
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None  # top-k alternatives per generated token
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    token: str
+    logprob: float
+    top: list[tuple[int, str, float]]  # (token id, text, logprob), best first
+
+
+@dataclass(slots=True)
+class SequenceDelta:
+    """New output of one sequence since the previous step."""
+
+    index: int
+    text: str
+    token_ids: Sequence[int]
+    finish_reason: str | None  # "stop" | "length" | "abort" | None
+    stop_reason: int | str | None
+    logprobs: list[TokenLogprob] | None
+
+
+@dataclass(slots=True)
+class StepOutput:
+    sequences: list[SequenceDelta]
+    finished: bool
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass(slots=True)
+class EngineStats:
+    running: int = 0
+    waiting: int = 0
+    kv_cache_usage: float = 0.0  # 0..1
+    updated_at: float = 0.0  # time.monotonic() of the last engine step seen
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What the API needs to know about the loaded checkpoint."""
+
+    name: str  # what the user asked for (hub name, path or "demo")
+    path: str  # what vLLM loaded
+    served_name: str
+    is_demo: bool
+    max_model_len: int
+    hidden_size: int
+    vocab_size: int
+
+
+# ---------------------------------------------------------------- config -> vLLM
+
+
+def has_gpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda_alike()
+
+
+def resolve_model_name(cfg: EngineConfig, gpu: bool | None = None) -> str:
+    """The model to load: the configured one, else Code Llama 13B on GPU, demo on CPU."""
+    if cfg.model:
+        return cfg.model
+    return REAL_MODEL if (has_gpu() if gpu is None else gpu) else DEMO_MODEL
+
+
+def engine_args(cfg: EngineConfig, model_path: str, gpu: bool) -> Any:
+    """Build vLLM's AsyncEngineArgs from our config (pure; unit-tested)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    is_demo = cfg.model in (None, DEMO_MODEL) and not gpu
+    max_model_len = cfg.max_model_len or (
+        DEMO_MAX_MODEL_LEN if is_demo else CODELLAMA_MAX_MODEL_LEN
+    )
+    kwargs: dict[str, Any] = dict(
+        model=model_path,
+        tokenizer=cfg.tokenizer,
+        revision=cfg.revision,
+        download_dir=cfg.download_dir,
+        dtype=cfg.dtype,
+        tensor_parallel_size=cfg.tensor_parallel_size,
+        max_model_len=max_model_len,
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        enable_chunked_prefill=cfg.enable_chunked_prefill,
+        seed=cfg.seed,
+        max_logprobs=cfg.max_logprobs,
+        distributed_executor_backend=cfg.distributed_executor_backend,
+        # We log requests ourselves, once, as JSON.
+        enable_log_requests=False,
+        # vLLM's own stat loggers (its log lines and vllm:* Prometheus
+        # series) are off; ours gets the scheduler stats (see _StatsLogger).
+        disable_log_stats=True,
+    )
+    if cfg.served_model_name:
+        kwargs["served_model_name"] = cfg.served_model_name
+    if gpu:
+        kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+        kwargs["enforce_eager"] = cfg.enforce_eager
+    else:
+        # No CUDA graphs on CPU; the KV cache is sized in bytes, not as a share.
+        kwargs["enforce_eager"] = True
+        kwargs["kv_cache_memory_bytes"] = int(cfg.cpu_kvcache_space_gib * GIB)
+    return AsyncEngineArgs(**kwargs)
+
+
+def _stats_logger_factory(sink: EngineStats):
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class _StatsLogger(StatLoggerBase):
+        """Copies the scheduler's queue and cache figures into `sink` each step."""
+
+        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+            self.engine_index = engine_index
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+            if scheduler_stats is not None:
+                sink.running = scheduler_stats.num_running_reqs
+                sink.waiting = (
+                    scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
+                )
+                sink.kv_cache_usage = scheduler_stats.kv_cache_usage
+                sink.updated_at = time.monotonic()
+
+        def log_engine_initialized(self) -> None:
+            pass
+
+    return _StatsLogger
+
+
+# ---------------------------------------------------------------- the engine
+
+
+class Engine:
+    """One vLLM AsyncLLM and what the server needs from it."""
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        self.stats = EngineStats()
+        self.info: ModelInfo | None = None
+        self._llm: Any = None
+        self._tokenizer: Any = None
+        self._started = threading.Event()
+        self._start_error: BaseException | None = None
+
+    # -- lifecycle
+
+    def start(self) -> ModelInfo:
+        """Load the model and start the engine process (blocking; ~25 s on the demo model)."""
+        try:
+            return self._start()
+        except BaseException as e:
+            self._start_error = e
+            raise
+
+    def _start(self) -> ModelInfo:
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from engine.demo_model import DEMO_MODEL_NAME, ensure_demo_model
+
+        gpu = has_gpu()
+        name = resolve_model_name(self.cfg, gpu)
+        is_demo = name == DEMO_MODEL
+        path = str(ensure_demo_model()) if is_demo else name
+        served = self.cfg.served_model_name or (DEMO_MODEL_NAME if is_demo else name)
+        cfg = self.cfg.model_copy(update={"model": name, "served_model_name": served})
+        args = engine_args(cfg, path, gpu)
+        log.info("starting vLLM engine for %s (%s)", name, "GPU" if gpu else "CPU")
+        started = time.monotonic()
+        self._llm = AsyncLLM.from_engine_args(
+            args,
+            usage_context=UsageContext.OPENAI_API_SERVER,
+            stat_loggers=[_stats_logger_factory(self.stats)],
+        )
+        self._tokenizer = self._llm.get_tokenizer()
+        model_config = self._llm.vllm_config.model_config
+        hf = model_config.hf_config
+        self.info = ModelInfo(
+            name=name,
+            path=path,
+            served_name=served,
+            is_demo=is_demo,
+            max_model_len=model_config.max_model_len,
+            hidden_size=int(getattr(hf, "hidden_size", 0)),
+            vocab_size=int(getattr(hf, "vocab_size", 0)),
+        )
+        self._started.set()
+        log.info("engine ready in %.1f s", time.monotonic() - started)
+        return self.info
+
+    def shutdown(self) -> None:
+        if self._llm is not None:
+            self._llm.shutdown()
+            self._llm = None
+
+    @property
+    def ready(self) -> bool:
+        return self._started.is_set() and self._llm is not None
+
+    @property
+    def dead(self) -> bool:
+        """True once the engine failed to start or its process died."""
+        if self._start_error is not None:
+            return True
+        return self._llm is not None and self._llm.errored
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    async def check_health(self) -> None:
+        """Raise EngineDeadError if the engine process is gone."""
+        if self.dead:
+            raise EngineDeadError("the engine process has died")
+        if self._llm is not None:
+            try:
+                await self._llm.check_health()
+            except Exception as e:
+                raise EngineDeadError(str(e)) from e
+
+    def num_unfinished_requests(self) -> int:
+        return 0 if self._llm is None else self._llm.get_num_unfinished_requests()
+
+    # -- requests
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], options: SamplingOptions
+    ) -> AsyncIterator[StepOutput]:
+        """Stream the request's new output step by step; cancelling aborts it in the engine."""
+        from vllm.exceptions import VLLMClientError
+        from vllm.inputs.engine import tokens_input
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
+
+        if not self.ready:
+            raise EngineNotReadyError("the engine is still loading")
+        params = self._sampling_params(options)
+        try:
+            async for out in self._llm.generate(tokens_input(prompt_token_ids), params, request_id):
+                yield StepOutput(
+                    sequences=[
+                        SequenceDelta(
+                            index=c.index,
+                            text=c.text,
+                            token_ids=c.token_ids,
+                            finish_reason=c.finish_reason,
+                            stop_reason=c.stop_reason,
+                            logprobs=self._logprobs(c.token_ids, c.logprobs, options.logprobs)
+                            if options.logprobs is not None
+                            else None,
+                        )
+                        for c in out.outputs
+                    ],
+                    finished=out.finished,
+                    prompt_logprobs=self._prompt_logprobs(
+                        prompt_token_ids, out.prompt_logprobs, options.prompt_logprobs
+                    )
+                    if options.prompt_logprobs is not None and out.prompt_logprobs is not None
+                    else None,
+                    num_cached_tokens=out.num_cached_tokens or 0,
+                )
+        except VllmEngineDeadError as e:
+            raise EngineDeadError("the engine process has died") from e
+        except (VLLMClientError, ValueError) as e:
+            raise EngineRequestError(str(e)) from e
+
+    async def abort(self, request_id: str) -> None:
+        if self._llm is not None:
+            await self._llm.abort(request_id)
+
+    def _sampling_params(self, o: SamplingOptions) -> Any:
+        from vllm.exceptions import VLLMClientError
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        try:
+            return SamplingParams(
+                n=o.n,
+                max_tokens=o.max_tokens,
+                temperature=o.temperature,
+                top_p=o.top_p,
+                top_k=o.top_k,
+                min_p=o.min_p,
+                presence_penalty=o.presence_penalty,
+                frequency_penalty=o.frequency_penalty,
+                repetition_penalty=o.repetition_penalty,
+                seed=o.seed,
+                stop=o.stop or None,
+                stop_token_ids=o.stop_token_ids or None,
+                include_stop_str_in_output=o.include_stop_str_in_output,
+                ignore_eos=o.ignore_eos,
+                min_tokens=o.min_tokens,
+                logprobs=o.logprobs,
+                prompt_logprobs=o.prompt_logprobs,
+                skip_special_tokens=o.skip_special_tokens,
+                # Each step yields only what is new: no re-sending of the
+                # whole text, which is what keeps streaming O(tokens).
+                output_kind=RequestOutputKind.DELTA,
+            )
+        except (VLLMClientError, ValueError) as e:
+            raise EngineRequestError(str(e)) from e
+
+    def _token_text(self, token_id: int, decoded: str | None) -> str:
+        if decoded is not None:
+            return decoded
+        return self._tokenizer.convert_ids_to_tokens(token_id) or ""
+
+    def _logprobs(self, token_ids: Sequence[int], positions: Any, k: int) -> list[TokenLogprob]:
+        if positions is None:
+            return []
+        return [
+            self._one_logprob(tid, pos, k) for tid, pos in zip(token_ids, positions, strict=False)
+        ]
+
+    def _prompt_logprobs(
+        self, prompt_token_ids: list[int], positions: Any, k: int
+    ) -> list[TokenLogprob | None]:
+        return [
+            None if pos is None else self._one_logprob(tid, pos, k)
+            for tid, pos in zip(prompt_token_ids, positions, strict=False)
+        ]
+
+    def _one_logprob(self, token_id: int, position: Any, k: int) -> TokenLogprob:
+        chosen = position.get(token_id)
+        # The engine adds the chosen token to the top-k when it ranks lower.
+        ranked = sorted(position.items(), key=lambda kv: kv[1].rank or 0)[:k]
+        top = [(tid, self._token_text(tid, lp.decoded_token), lp.logprob) for tid, lp in ranked]
+        return TokenLogprob(
+            token_id=token_id,
+            token=self._token_text(token_id, chosen.decoded_token if chosen else None),
+            logprob=chosen.logprob if chosen else float("-inf"),
+            top=top,
+        )
+
+
+def configure_vllm_logging(level: str) -> None:
+    """vLLM logs at INFO by default; keep it quieter unless debugging."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG" if level == "debug" else "WARNING")

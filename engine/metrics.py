@@ -1,0 +1,121 @@
+"""Prometheus metrics: what every request and the engine's scheduler report.
+
+One `Metrics` per app, each with its own registry, so several apps (tests, Ray
+replicas in one process) never collide. Engine gauges are read when scraped,
+not pushed on every engine step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+PREFIX = "codellama_serve"
+
+# The *_created series double the exposition for no use on dashboards.
+disable_created_metrics()
+
+# LLM latencies span milliseconds (a cached short prompt) to minutes (a long
+# generation queued behind a full batch); the buckets cover both ends.
+TTFT_BUCKETS = (
+    0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75,
+    1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
+)  # fmt: skip
+TPOT_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5,
+)  # fmt: skip
+E2E_BUCKETS = (
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 20.0, 30.0,
+    45.0, 60.0, 90.0, 120.0, 180.0, 300.0, 600.0,
+)  # fmt: skip
+TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+
+
+@dataclass(slots=True)
+class EngineGauges:
+    """Where the scrape-time gauges read from (callables, so nothing is pushed)."""
+
+    running: Callable[[], float]
+    waiting: Callable[[], float]
+    kv_cache_usage: Callable[[], float]
+    healthy: Callable[[], float]
+    ready: Callable[[], float]
+
+
+class Metrics:
+    def __init__(self, engine: EngineGauges, model_name: Callable[[], str]) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        p = PREFIX
+        self.requests = Counter(
+            f"{p}_requests", "Finished HTTP requests by endpoint and status code.",
+            ["endpoint", "status"], registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            f"{p}_time_to_first_token_seconds",
+            "Time from request arrival to the first generated token.",
+            ["endpoint"], buckets=TTFT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.tpot = Histogram(
+            f"{p}_time_per_output_token_seconds",
+            "Per request: (last token time - first token time) / (output tokens - 1).",
+            ["endpoint"], buckets=TPOT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.e2e = Histogram(
+            f"{p}_e2e_request_latency_seconds",
+            "Time from request arrival to its last byte.",
+            ["endpoint"], buckets=E2E_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(
+            f"{p}_prompt_tokens", "Prompt tokens of admitted requests.", registry=r
+        )
+        self.generation_tokens = Counter(f"{p}_generation_tokens", "Generated tokens.", registry=r)
+        self.prompt_length = Histogram(
+            f"{p}_request_prompt_tokens", "Prompt tokens per request.",
+            buckets=TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.generation_length = Histogram(
+            f"{p}_request_generation_tokens", "Generated tokens per request.",
+            buckets=TOKEN_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.aborted = Counter(
+            f"{p}_requests_aborted",
+            "Requests aborted in the engine before they finished, by reason.",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            f"{p}_http_requests_in_flight", "Generation requests being served now.", registry=r
+        )
+        self._gauge(f"{p}_requests_running", "Sequences the engine is running.", engine.running)
+        self._gauge(f"{p}_requests_waiting", "Sequences waiting in the engine.", engine.waiting)
+        self._gauge(
+            f"{p}_kv_cache_usage_ratio", "Fraction of KV-cache blocks in use (0-1).",
+            engine.kv_cache_usage,
+        )  # fmt: skip
+        self._gauge(f"{p}_engine_healthy", "1 while the engine process is alive.", engine.healthy)
+        self._gauge(f"{p}_ready", "1 while the server accepts requests.", engine.ready)
+        self.info = Gauge(f"{p}_model_info", "The served model.", ["model"], registry=r)
+        self._model_name = model_name
+
+    def _gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
+        Gauge(name, doc, registry=self.registry).set_function(read)
+
+    def render(self) -> tuple[bytes, str]:
+        name = self._model_name()
+        if name:
+            self.info.labels(model=name).set(1)
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
