@@ -49,6 +49,7 @@ def _add_field(group: argparse._ArgumentGroup, name: str, info: FieldInfo) -> No
         else default
     )
     help_text = f"{info.description or ''} [env: {env_var(name)}] (default: {shown})"
+    help_text = help_text.replace("%", "%%")  # argparse formats help with %
     kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": help_text}
     if inner is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
@@ -118,6 +119,13 @@ def _configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # Request logs are JSON lines on stdout, nothing around them, for log shippers.
+    access = logging.getLogger("engine.access")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    access.propagate = False
 
 
 def main(argv: list[str] | None = None) -> int:

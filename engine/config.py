@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ENV_PREFIX = "CODELLAMA_SERVE_"
 DEMO_MODEL = "demo"
@@ -102,7 +102,9 @@ class ServerConfig(Section):
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Log level."
     )
-    access_log: bool = Field(False, description="Log one JSON line per request.")
+    access_log: bool = Field(
+        True, description="Log one JSON line per request (id, status, tokens, latencies)."
+    )
     max_body_bytes: int = Field(
         4 * 1024 * 1024, ge=1024, description="Largest request body accepted (413 past it)."
     )
@@ -118,10 +120,133 @@ class ServerConfig(Section):
     )
 
 
+class AuthConfig(Section):
+    """API keys and per-key rate limits."""
+
+    api_keys: str | None = Field(
+        None,
+        description="Comma-separated API keys (or 'sha256:<hex>' hashes). With no keys from "
+        "here or --api-keys-file, the API is open.",
+        repr=False,
+    )
+    api_keys_file: str | None = Field(
+        None,
+        description="File of API keys, one per line: '<key>' or 'sha256:<hex>', optionally "
+        "followed by ' name=<label> rpm=<n> tpm=<n>' (e.g. a mounted Kubernetes Secret).",
+    )
+    auth_open_ops_endpoints: bool = Field(
+        True, description="Leave /health, /ready and /metrics open for probes and scraping."
+    )
+    rate_limit_rpm: int | None = Field(
+        None, ge=1, description="Default requests per minute per key (none: unlimited)."
+    )
+    rate_limit_tpm: int | None = Field(
+        None,
+        ge=1,
+        description="Default tokens (prompt + completion) per minute per key (none: unlimited).",
+    )
+
+
+class AdmissionConfig(Section):
+    """How much waiting work the server accepts before refusing with 429."""
+
+    max_waiting_requests: int = Field(
+        256,
+        ge=0,
+        description="Sequences allowed to wait beyond the engine's batch (--max-num-seqs); "
+        "past it new requests get 429 with Retry-After.",
+    )
+    max_waiting_prompt_tokens: int = Field(
+        262_144,
+        ge=1,
+        description="Prompt tokens allowed to wait for prefill; past it new requests get 429.",
+    )
+    retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429 and 503.")
+
+
+class RayConfig(Section):
+    """Cluster mode: Ray Serve replicas, placement and autoscaling (`serve --ray`)."""
+
+    ray_address: str | None = Field(
+        None, description="Ray cluster to join ('auto', 'ray://host:10001'); none: start one."
+    )
+    ray_app_name: str = Field("codellama", description="Ray Serve application name.")
+    ray_route_prefix: str = Field("/", description="HTTP route prefix of the application.")
+    ray_http_host: str = Field("0.0.0.0", description="Where Ray Serve's HTTP proxy binds.")
+    ray_http_port: int = Field(8000, ge=1, le=65535, description="Ray Serve's HTTP proxy port.")
+    accelerator_type: str | None = Field(
+        "A100",
+        description="GPU type each replica's workers need (Ray accelerator type; none: any). "
+        "Ignored on CPU.",
+    )
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas (each owns one engine).")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time.")
+    max_replicas: int = Field(4, ge=1, description="Most replicas.")
+    target_ongoing_requests: float | None = Field(
+        None,
+        gt=0,
+        description="Ongoing requests per replica the autoscaler aims for "
+        "(default: 80% of --max-num-seqs).",
+    )
+    max_ongoing_requests: int | None = Field(
+        None,
+        ge=1,
+        description="Requests Ray routes to one replica at once "
+        "(default: --max-num-seqs + --max-waiting-requests).",
+    )
+    target_waiting_per_replica: float = Field(
+        8.0,
+        gt=0,
+        description="Engine queue depth per replica that calls for another replica "
+        "(custom autoscaling signal).",
+    )
+    kv_cache_scale_up_threshold: float = Field(
+        0.90,
+        gt=0,
+        le=1,
+        description="KV-cache usage above which a replica counts as saturated.",
+    )
+    upscale_delay_s: float = Field(15.0, ge=0, description="Sustained load before scaling up.")
+    downscale_delay_s: float = Field(
+        120.0, ge=0, description="Sustained idleness before scaling down."
+    )
+    autoscaling_look_back_s: float = Field(
+        15.0, gt=0, description="Window over which load is averaged."
+    )
+    replica_num_cpus: float = Field(
+        1.0, ge=0, description="CPUs Ray reserves for each replica's HTTP/driver actor."
+    )
+    ray_metrics_port: int | None = Field(
+        9400,
+        ge=1,
+        le=65535,
+        description="Port where each replica serves its own /metrics (Ray's proxy sends "
+        "/metrics to one replica at random; scrape the pods on this port). none: off.",
+    )
+    health_check_period_s: float = Field(5.0, gt=0, description="How often Ray checks replicas.")
+    health_check_timeout_s: float = Field(15.0, gt=0, description="Replica health check timeout.")
+
+    @model_validator(mode="after")
+    def _replica_bounds(self) -> RayConfig:
+        initial = self.initial_replicas
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) < min_replicas ({self.min_replicas})"
+            )
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError(
+                f"initial_replicas ({initial}) must lie in [min_replicas, max_replicas]"
+            )
+        return self
+
+
 class Settings(Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     features: ModelFeaturesConfig = Field(default_factory=ModelFeaturesConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
 
 
 def sections() -> dict[str, type[Section]]:
@@ -200,6 +325,8 @@ def _describe(error: ValidationError) -> str:
         name = loc[-1] if loc else "settings"
         if e["type"] == "extra_forbidden":
             lines.append(f"{'.'.join(loc)}: unknown setting")
+        elif name in Settings.model_fields:  # a check across a whole section
+            lines.append(f"{name}: {e['msg']}")
         else:
             lines.append(f"--{name.replace('_', '-')} ({env_var(name)}): {e['msg']}")
     return "invalid settings:\n  " + "\n  ".join(lines)

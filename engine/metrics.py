@@ -100,6 +100,25 @@ class Metrics:
         self.in_flight = Gauge(
             f"{p}_http_requests_in_flight", "Generation requests being served now.", registry=r
         )
+        self.admitted_sequences = Gauge(
+            f"{p}_admission_in_flight_sequences",
+            "Admitted, unfinished sequences (a request with n=4 counts 4).", registry=r,
+        )  # fmt: skip
+        self.queued_sequences = Gauge(
+            f"{p}_admission_waiting_sequences",
+            "Admitted sequences beyond the engine's batch (--max-num-seqs): the waiting queue.",
+            registry=r,
+        )  # fmt: skip
+        self.queued_prompt_tokens = Gauge(
+            f"{p}_admission_waiting_prompt_tokens",
+            "Prompt tokens of admitted requests still waiting for their first token.", registry=r,
+        )  # fmt: skip
+        self.refused = Counter(
+            f"{p}_requests_refused",
+            "Requests refused before any work: queue_full, queue_tokens, rate_limit_rpm, "
+            "rate_limit_tpm, draining, unauthorized.",
+            ["reason"], registry=r,
+        )  # fmt: skip
         self._gauge(f"{p}_requests_running", "Sequences the engine is running.", engine.running)
         self._gauge(f"{p}_requests_waiting", "Sequences waiting in the engine.", engine.waiting)
         self._gauge(

@@ -121,3 +121,10 @@ def demo_sp(demo_model_dir: Path):
     import sentencepiece as spm
 
     return spm.SentencePieceProcessor(model_file=str(demo_model_dir / "tokenizer.model"))
+
+
+@pytest.fixture(scope="session")
+def openapi_schema(server: ServerProcess):
+    import schemathesis
+
+    return schemathesis.openapi.from_url(server.base_url + "/openapi.json")

@@ -17,6 +17,7 @@ from starlette.responses import Response
 from engine.api.chat import create_chat_completion
 from engine.api.completions import create_completion
 from engine.api.errors import APIError, install_error_handlers
+from engine.api.gate import GateMiddleware
 from engine.api.generation import ClientDisconnected
 from engine.api.middleware import RequestContextMiddleware
 from engine.api.schemas import ChatCompletionRequest, CompletionRequest
@@ -72,6 +73,8 @@ def create_app(
     )
     app.state.server = state
     install_error_handlers(app)
+    # Added last = outermost: every response, refusals included, gets its request id.
+    app.add_middleware(GateMiddleware, state=state)
     app.add_middleware(RequestContextMiddleware, state=state)
 
     @app.post("/v1/completions", response_model=None, tags=["openai"])

@@ -14,6 +14,7 @@ from engine.api.encoding import ChatFrames
 from engine.api.errors import APIError, bad_request
 from engine.api.generation import (
     Run,
+    admit,
     check_context,
     check_counts,
     check_model,
@@ -62,7 +63,7 @@ async def create_chat_completion(
     max_tokens = default_max_tokens(state, len(prompt), req.requested_max_tokens)
     check_context(state, len(prompt), max_tokens, "messages")
     options = sampling_options(req, max_tokens, logprobs=top_k)
-    run = Run(state, ENDPOINT, "chatcmpl-" + new_id(), [prompt], options)
+    run = admit(state, request, ENDPOINT, "chatcmpl-" + new_id(), [prompt], options)
     created = int(time.time())
     model = state.model.served_name
     if req.stream:

@@ -14,6 +14,7 @@ from engine.api.encoding import CompletionFrames
 from engine.api.errors import APIError, bad_request
 from engine.api.generation import (
     Run,
+    admit,
     check_context,
     check_counts,
     check_model,
@@ -83,7 +84,7 @@ async def create_completion(
         req, max_tokens, stop_token_ids=stop_ids, logprobs=req.logprobs,
         prompt_logprobs=req.logprobs if want_prompt_logprobs else None,
     )  # fmt: skip
-    run = Run(state, ENDPOINT, "cmpl-" + new_id(), prompt_ids, options)
+    run = admit(state, request, ENDPOINT, "cmpl-" + new_id(), prompt_ids, options)
     created = int(time.time())
     model = state.model.served_name
     # Our own BOS is not in the echoed text, so its (empty) logprob entry goes.

@@ -9,10 +9,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
+from engine.api.admission import Ticket
+from engine.api.auth import ANONYMOUS
 from engine.api.errors import APIError, bad_request
 from engine.api.schemas import SamplingFields
 from engine.api.state import ServerState
@@ -131,6 +133,22 @@ def finish_reason(reason: str | None) -> str | None:
     return reason if reason in (None, "stop", "length") else "stop"
 
 
+def admit(
+    state: ServerState,
+    request: Request,
+    endpoint: str,
+    request_id: str,
+    prompts: list[list[int]],
+    options: SamplingOptions,
+) -> Run:
+    """Reserve the request's place in the queue (or raise 429) and start its run."""
+    key = getattr(request.state, "api_key", ANONYMOUS)
+    ticket = state.admission.reserve(key, len(prompts) * options.n, sum(map(len, prompts)))
+    run = Run(state, endpoint, request_id, prompts, options, ticket)
+    request.state.run = run
+    return run
+
+
 # ---------------------------------------------------------------- one request's run
 
 
@@ -143,6 +161,7 @@ class Run:
     request_id: str
     prompts: list[list[int]]
     options: SamplingOptions
+    ticket: Ticket
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float = 0.0
@@ -168,6 +187,33 @@ class Run:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
         }
+
+    def tpot(self) -> float | None:
+        """(last token - first token) / (tokens - 1) of the longest choice."""
+        longest = max(self.tokens_per_choice, default=0)
+        if self.first_token_at is None or longest < 2:
+            return None
+        return (self.last_token_at - self.first_token_at) / (longest - 1)
+
+    def log_fields(self) -> dict[str, Any]:
+        """What the request's JSON log line says about its generation."""
+        fields: dict[str, Any] = {
+            "completion_id": self.request_id,
+            "endpoint": self.endpoint,
+            "key": self.ticket.key.name,
+            "n": self.options.n,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "max_tokens": self.options.max_tokens,
+        }
+        if self.first_token_at is not None:
+            fields["ttft_ms"] = round((self.first_token_at - self.arrival) * 1000, 2)
+        tpot = self.tpot()
+        if tpot is not None:
+            fields["tpot_ms"] = round(tpot * 1000, 3)
+        if self.timed_out:
+            fields["timed_out"] = True
+        return fields
 
     def engine_request_id(self, prompt_index: int) -> str:
         return self.request_id if len(self.prompts) == 1 else f"{self.request_id}-{prompt_index}"
@@ -240,6 +286,7 @@ class Run:
             if k:
                 if self.first_token_at is None:
                     self.first_token_at = now
+                    self.ticket.first_token()
                 self.last_token_at = now
                 self.completion_tokens += k
                 self.tokens_per_choice[prompt_index * n + seq.index] += k
@@ -257,6 +304,7 @@ class Run:
         if self._recorded:
             return
         self._recorded = True
+        self.ticket.release(self.completion_tokens)
         self.state.request_finished()
         m = self.state.metrics
         now = time.monotonic()
@@ -272,10 +320,9 @@ class Run:
             m.generation_length.observe(k)
         if self.first_token_at is not None:
             m.ttft.labels(endpoint=self.endpoint).observe(self.first_token_at - self.arrival)
-            longest = max(self.tokens_per_choice, default=0)
-            if longest > 1:
-                tpot = (self.last_token_at - self.first_token_at) / (longest - 1)
-                m.tpot.labels(endpoint=self.endpoint).observe(tpot)
+        tpot = self.tpot()
+        if tpot is not None:
+            m.tpot.labels(endpoint=self.endpoint).observe(tpot)
 
 
 async def _merge(streams: list[AsyncIterator[StepOutput]]) -> AsyncIterator[tuple[int, StepOutput]]:

@@ -115,7 +115,11 @@ def _log_request(scope: Scope, request_id: str, status: int, started: float) -> 
         "status": status,
         "duration_ms": round((time.monotonic() - started) * 1000, 2),
     }
-    run = scope.get("state", {}).get("run")
+    state = scope.get("state", {})
+    key = state.get("api_key")
+    if key is not None:
+        record["key"] = key.name  # the key's label; never the key
+    run = state.get("run")
     if run is not None:
         record.update(run.log_fields())
     access_log.info(orjson.dumps(record).decode())

@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from engine.api.admission import Admission
+from engine.api.auth import KeyStore
 from engine.codellama import Capabilities, CodeLlamaPrompts, capabilities
 from engine.config import Settings
 from engine.llm import EngineStats, ModelInfo, SamplingOptions, StepOutput
@@ -40,6 +42,8 @@ class ServerState:
     settings: Settings
     engine: EngineLike
     metrics: Metrics = field(init=False)
+    keys: KeyStore = field(init=False)
+    admission: Admission = field(init=False)
     prompts: CodeLlamaPrompts | None = None
     caps: Capabilities | None = None
     draining: bool = False
@@ -60,6 +64,8 @@ class ServerState:
             ),
             model_name=lambda: e.info.served_name if e.info else "",
         )
+        self.keys = KeyStore.from_config(self.settings.auth)
+        self.admission = Admission(self.settings, self.metrics)
         self.idle.set()
 
     def on_engine_started(self, info: ModelInfo) -> None:

@@ -265,3 +265,38 @@ def test_metrics_count_requests_by_status(fake):
     assert 'codellama_serve_requests_total{endpoint="completions",status="200"}' in text
     assert "codellama_serve_time_to_first_token_seconds_bucket" in text
     assert "codellama_serve_requests_running" in text
+
+
+def test_api_keys_gate_the_api_not_the_probes(demo_tokenizer, tmp_path, caplog):
+    app, _, _ = make_server(demo_tokenizer, api_keys="sk-good-key", access_log=True)
+    port = free_port()
+    with serve_in_thread(app, port):
+        url = f"http://127.0.0.1:{port}"
+        while httpx.get(url + "/ready").status_code != 200:
+            time.sleep(0.05)
+        r = post(url, "/v1/completions", {"prompt": "x", "max_tokens": 1})
+        err = assert_openai_error(r, 401, fragment="Missing API key")
+        assert err["type"] == "authentication_error" and r.headers["www-authenticate"]
+        bad = {"Authorization": "Bearer sk-wrong"}
+        assert_openai_error(httpx.get(url + "/v1/models", headers=bad), 401, fragment="Incorrect")
+        good = {"Authorization": "Bearer sk-good-key"}
+        assert (
+            post(url, "/v1/completions", {"prompt": "x", "max_tokens": 1}, headers=good).status_code
+            == 200
+        )
+        for path in ("/health", "/ready", "/metrics"):
+            assert httpx.get(url + path).status_code == 200
+        assert (
+            'codellama_serve_requests_refused_total{reason="unauthorized"} 2.0'
+            in httpx.get(url + "/metrics").text
+        )
+    assert "sk-good-key" not in caplog.text and "sk-wrong" not in caplog.text
+
+
+def test_closed_probes(demo_tokenizer):
+    app, _, _ = make_server(demo_tokenizer, api_keys="k", auth_open_ops_endpoints=False)
+    port = free_port()
+    with serve_in_thread(app, port):
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(url + "/metrics").status_code == 401
+        assert httpx.get(url + "/health", headers={"Authorization": "Bearer k"}).status_code == 200

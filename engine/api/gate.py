@@ -1,0 +1,69 @@
+"""The gate in front of the routes: API key, rate limit, drain and queue checks,
+made before the body is read, so a refused request costs no work."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from engine.api.auth import ANONYMOUS, bearer_token
+from engine.api.errors import APIError
+
+if TYPE_CHECKING:
+    from engine.api.state import ServerState
+
+OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+class GateMiddleware:
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        error = self._check(scope)
+        if error is not None:
+            await error.response()(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _check(self, scope: Scope) -> APIError | None:
+        state = self.state
+        path = scope["path"]
+        key = ANONYMOUS
+        if state.keys.enabled and not (
+            path in OPS_PATHS and state.settings.auth.auth_open_ops_endpoints
+        ):
+            token = bearer_token(dict(scope["headers"]).get(b"authorization"))
+            found = state.keys.lookup(token) if token else None
+            if found is None:
+                state.metrics.refused.labels(reason="unauthorized").inc()
+                message = (
+                    "Incorrect API key provided." if token
+                    else "Missing API key: send 'Authorization: Bearer <key>'."
+                )  # fmt: skip
+                return APIError(
+                    401, message, code="invalid_api_key",
+                    headers={"WWW-Authenticate": 'Bearer realm="codellama-serve"'},
+                )  # fmt: skip
+            key = found
+        scope.setdefault("state", {})["api_key"] = key
+        if path not in GENERATION_PATHS or scope["method"] != "POST":
+            return None
+        if state.draining:
+            state.metrics.refused.labels(reason="draining").inc()
+            return APIError(
+                503, "The server is shutting down; retry on another replica.", code="draining",
+                headers={"Retry-After": str(state.settings.admission.retry_after_s)},
+            )  # fmt: skip
+        if state.admission.full:
+            return state.admission.queue_full_error()
+        limited = state.admission.limiter.check_request(key)
+        if limited is not None:
+            state.metrics.refused.labels(reason="rate_limit_rpm").inc()
+        return limited
