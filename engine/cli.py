@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import types
 import typing
@@ -12,6 +11,7 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic.fields import FieldInfo
 
 from engine.config import ConfigError, build_settings, env_var, load_yaml, sections
+from engine.logs import configure_logging
 
 DESCRIPTION = """\
 codellama-serve: a high-throughput OpenAI-compatible server for Code Llama on vLLM.
@@ -113,26 +113,11 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     return build_settings(file_values=file_values, overrides=flags)
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    # Request logs are JSON lines on stdout, nothing around them, for log shippers.
-    access = logging.getLogger("engine.access")
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access.addHandler(handler)
-    access.setLevel(logging.INFO)
-    access.propagate = False
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "demo-model":
-        _configure_logging("info")
+        configure_logging("info")
         return _demo_model(args.rebuild)
     if args.command == "bench":
         from benchmarks.cli import run_bench
@@ -142,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
     except (ConfigError, OSError) as e:
         parser.exit(2, f"codellama-serve: {e}\n")
-    _configure_logging(settings.server.log_level)
+    configure_logging(settings.server.log_level)
     from engine.llm import configure_vllm_logging
 
     configure_vllm_logging(settings.server.log_level)

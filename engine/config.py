@@ -174,6 +174,11 @@ class RayConfig(Section):
     ray_route_prefix: str = Field("/", description="HTTP route prefix of the application.")
     ray_http_host: str = Field("0.0.0.0", description="Where Ray Serve's HTTP proxy binds.")
     ray_http_port: int = Field(8000, ge=1, le=65535, description="Ray Serve's HTTP proxy port.")
+    ray_use_gpu: bool | None = Field(
+        None,
+        description="Give replicas GPUs (tensor-parallel placement groups). none: yes unless "
+        "the model is the demo model (or, with no model set, if the cluster has GPUs).",
+    )
     accelerator_type: str | None = Field(
         "A100",
         description="GPU type each replica's workers need (Ray accelerator type; none: any). "

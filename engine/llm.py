@@ -203,8 +203,10 @@ def _stats_logger_factory(sink: EngineStats):
 class Engine:
     """One vLLM AsyncLLM and what the server needs from it."""
 
-    def __init__(self, cfg: EngineConfig) -> None:
+    def __init__(self, cfg: EngineConfig, gpu: bool | None = None) -> None:
+        """`gpu`: None detects; Ray replicas say, as their actor may see no GPU itself."""
         self.cfg = cfg
+        self.gpu = gpu
         self.stats = EngineStats()
         self.info: ModelInfo | None = None
         self._llm: Any = None
@@ -228,7 +230,7 @@ class Engine:
 
         from engine.demo_model import DEMO_MODEL_NAME, ensure_demo_model
 
-        gpu = has_gpu()
+        gpu = has_gpu() if self.gpu is None else self.gpu
         name = resolve_model_name(self.cfg, gpu)
         is_demo = name == DEMO_MODEL
         path = str(ensure_demo_model()) if is_demo else name

@@ -43,13 +43,15 @@ def create_app(
     settings: Settings,
     engine: EngineLike | None = None,
     on_fatal: Callable[[], None] = _exit_process,
+    replica_id: str | None = None,
 ) -> FastAPI:
-    """Build the app. The engine starts (in a thread) when the app starts."""
+    """Build the app. The engine starts (in a thread) when the app starts, unless
+    it was started already (Ray replicas load it before they report ready)."""
     if engine is None:
         from engine.llm import Engine
 
         engine = Engine(settings.engine)
-    state = ServerState(settings, engine)
+    state = ServerState(settings, engine, replica_id=replica_id)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -159,7 +161,9 @@ def _model_card(state: ServerState) -> dict[str, Any]:
 
 async def _load_engine(state: ServerState, on_fatal: Callable[[], None]) -> None:
     try:
-        info = await asyncio.to_thread(state.engine.start)
+        info = state.engine.info if state.engine.ready else None
+        if info is None:
+            info = await asyncio.to_thread(state.engine.start)
         state.on_engine_started(info)
         log.info("serving %s (context %d tokens)", info.served_name, info.max_model_len)
     except asyncio.CancelledError:

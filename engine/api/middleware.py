@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 access_log = logging.getLogger("engine.access")
 
 REQUEST_ID_HEADER = b"x-request-id"
+REPLICA_HEADER = b"x-codellama-replica"
 _SAFE_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 
 
@@ -44,15 +45,17 @@ class RequestContextMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         limit = self.state.settings.server.max_body_bytes
         status = 0
+        extra = [(REQUEST_ID_HEADER, request_id.encode())]
+        if self.state.replica_id:
+            extra.append((REPLICA_HEADER, self.state.replica_id.encode()))
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (REQUEST_ID_HEADER, request_id.encode()),
-                ]
+                headers = message.get("headers", [])
+                # Ray's proxy adds its own x-request-id (the same id, read from the request).
+                message["headers"] = [*headers, *(h for h in extra if h not in headers)]
             await send(message)
 
         declared = _content_length(scope)

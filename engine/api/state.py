@@ -41,6 +41,7 @@ class EngineLike(Protocol):
 class ServerState:
     settings: Settings
     engine: EngineLike
+    replica_id: str | None = None  # set in cluster mode; sent as a response header
     metrics: Metrics = field(init=False)
     keys: KeyStore = field(init=False)
     admission: Admission = field(init=False)

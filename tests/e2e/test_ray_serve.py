@@ -1,0 +1,171 @@
+"""Cluster mode on a local Ray instance (CPU, demo model), through `codellama-serve serve --ray`.
+
+One application for the module: it starts with 2 replicas (both must answer,
+streaming included), scales down to 1 when idle, up to 2 under a load step,
+and back to 1 when the load ends. Each transition's time is printed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from tests.conftest import ROOT, free_port
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
+
+REPLICAS = re.compile(r"^(\S+ \S+) INFO engine\.ray: replicas: (.*)$")
+
+
+class RayApp:
+    def __init__(self, tmp: Path) -> None:
+        self.port = free_port()
+        config = {
+            "engine": {"model": "demo", "max_num_seqs": 8},
+            "ray": {
+                "ray_http_port": self.port,
+                "ray_metrics_port": None,
+                "min_replicas": 1,
+                "initial_replicas": 2,
+                "max_replicas": 2,
+                "upscale_delay_s": 2.0,
+                "downscale_delay_s": 6.0,
+                "autoscaling_look_back_s": 3.0,
+                "target_waiting_per_replica": 2.0,
+            },
+        }
+        cfg = tmp / "ray.yaml"
+        cfg.write_text(yaml.safe_dump(config))
+        self.log_path = tmp / "ray-serve.log"
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "engine", "serve", "--ray", "--config", str(cfg)],
+                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def running(self) -> int | None:
+        """RUNNING replicas per the last 'replicas:' line the CLI logged."""
+        last = None
+        for line in self.log().splitlines():
+            m = REPLICAS.match(line)
+            if m:
+                states = dict(kv.split("=") for kv in m.group(2).split())
+                last = int(states.get("RUNNING", 0))
+        return last
+
+    def wait_running(self, n: int, timeout: float) -> float:
+        started = time.monotonic()
+        while self.running() != n:
+            assert self.proc.poll() is None, self.log()[-4000:]
+            assert time.monotonic() - started < timeout, (
+                f"never reached {n} running replicas:\n{self.log()[-3000:]}"
+            )
+            time.sleep(0.5)
+        return time.monotonic() - started
+
+
+@pytest.fixture(scope="module")
+def ray_app(tmp_path_factory):
+    app = RayApp(tmp_path_factory.mktemp("ray"))
+    try:
+        app.wait_running(2, timeout=420)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(app.url + "/ready", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, app.log()[-3000:]
+            time.sleep(0.5)
+        yield app
+    finally:
+        if app.proc.poll() is None:
+            app.proc.terminate()
+            try:
+                code = app.proc.wait(90)
+            except subprocess.TimeoutExpired:
+                app.proc.kill()
+                code = None
+            print(f"`serve --ray` exited with {code}")
+        subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True
+        )
+
+
+def test_both_replicas_answer_through_the_openai_client(ray_app):
+    client = openai.OpenAI(base_url=ray_app.url + "/v1", api_key="unused", max_retries=0)
+
+    def plain(_: int) -> str:
+        raw = client.completions.with_raw_response.create(
+            model="codellama-serve-demo", prompt="def f():", max_tokens=32, temperature=0
+        )
+        assert raw.parse().choices[0].text
+        return raw.headers["x-codellama-replica"]
+
+    def streamed(_: int) -> str:
+        with client.chat.completions.with_streaming_response.create(
+            model="codellama-serve-demo", messages=[{"role": "user", "content": "hi"}],
+            max_tokens=32, stream=True,
+        ) as stream:  # fmt: skip
+            chunks = list(stream.parse())
+            assert chunks[0].choices[0].delta.role == "assistant"
+            return stream.headers["x-codellama-replica"]
+
+    # Concurrent requests: Ray's router spreads load, not a sequence of idle calls.
+    seen_plain, seen_stream = set(), set()
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(5):
+            seen_plain.update(pool.map(plain, range(8)))
+            seen_stream.update(pool.map(streamed, range(8)))
+            if len(seen_plain) == 2 and len(seen_stream) == 2:
+                break
+    assert len(seen_plain) == 2 and len(seen_stream) == 2, (seen_plain, seen_stream)
+
+
+def test_errors_and_metrics_behave_as_standalone(ray_app):
+    r = httpx.post(ray_app.url + "/v1/completions", json={"prompt": "x", "max_tokens": 99999})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert "codellama_serve_requests_total" in httpx.get(ray_app.url + "/metrics").text
+
+
+async def _load(url: str, stop: asyncio.Event) -> None:
+    body = {"prompt": "def busy():", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+        while not stop.is_set():
+            async with c.stream("POST", "/v1/completions", json=body) as r:
+                async for _ in r.aiter_lines():
+                    if stop.is_set():
+                        break
+
+
+async def test_autoscaling_follows_a_load_step(ray_app):
+    idle_down = ray_app.wait_running(1, timeout=120)
+    print(f"\nidle: 2 -> 1 replicas in {idle_down:.1f} s")
+    stop = asyncio.Event()
+    load = [asyncio.create_task(_load(ray_app.url, stop)) for _ in range(24)]
+    try:
+        up = await asyncio.to_thread(ray_app.wait_running, 2, 420)
+        print(f"load step (24 streams): 1 -> 2 replicas in {up:.1f} s")
+    finally:
+        stop.set()
+        await asyncio.gather(*load, return_exceptions=True)
+    down = ray_app.wait_running(1, timeout=180)
+    print(f"load ended: 2 -> 1 replicas in {down:.1f} s")
