@@ -77,6 +77,11 @@ def _serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--ray", action="store_true",
         help="run as a Ray Serve application (starts or joins a Ray cluster)",
     )  # fmt: skip
+    p.add_argument(
+        "--print-serve-config", action="store_true",
+        help="print the Ray Serve config (for `serve deploy` or KubeRay's serveConfigV2) "
+        "of these settings and exit",
+    )  # fmt: skip
     for section, model in sections().items():
         group = p.add_argument_group(f"{section} settings", (model.__doc__ or "").strip())
         for name, info in model.model_fields.items():
@@ -109,7 +114,11 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 
     config_file = args.config or os.environ.get("CODELLAMA_SERVE_CONFIG")
     file_values = load_yaml(config_file) if config_file else None
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "ray")}
+    flags = {
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("command", "config", "ray", "print_serve_config")
+    }
     return build_settings(file_values=file_values, overrides=flags)
 
 
@@ -127,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
     except (ConfigError, OSError) as e:
         parser.exit(2, f"codellama-serve: {e}\n")
+    if args.print_serve_config:
+        import yaml
+
+        from engine.ray_config import serve_config
+
+        print(yaml.safe_dump(serve_config(settings), sort_keys=False), end="")
+        return 0
     configure_logging(settings.server.log_level)
     from engine.llm import configure_vllm_logging
 

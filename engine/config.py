@@ -225,8 +225,8 @@ class RayConfig(Section):
         9400,
         ge=1,
         le=65535,
-        description="Port where each replica serves its own /metrics (Ray's proxy sends "
-        "/metrics to one replica at random; scrape the pods on this port). none: off.",
+        description="Port where each replica serves its own /metrics, /health and /ready "
+        "(through Ray's proxy they reach one replica at random). none: off.",
     )
     health_check_period_s: float = Field(5.0, gt=0, description="How often Ray checks replicas.")
     health_check_timeout_s: float = Field(15.0, gt=0, description="Replica health check timeout.")

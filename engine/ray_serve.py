@@ -106,16 +106,44 @@ class CodeLlamaServer:
 
     def _serve_own_metrics(self) -> None:
         # Ray's proxy sends /metrics to one replica at random; each replica also
-        # serves its own registry on a fixed port, for pods to be scraped.
+        # serves its own /metrics, /health and /ready on a fixed port, so pods
+        # can be scraped and probed per replica.
         port = self.settings.ray.ray_metrics_port
         if port is None:
             return
-        from prometheus_client import start_http_server
-
         try:
-            start_http_server(port, registry=self.state.metrics.registry)
+            serve_replica_ops(port, self.state)
         except OSError as e:  # another replica on this node took it
-            log.warning("replica %s: metrics port %d unavailable (%s)", self.replica_id, port, e)
+            log.warning("replica %s: port %d unavailable (%s)", self.replica_id, port, e)
+
+
+def serve_replica_ops(port: int, state: Any) -> None:
+    """/metrics, /health and /ready of one replica, on a daemon thread."""
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from prometheus_client import make_wsgi_app
+
+    metrics_app = make_wsgi_app(state.metrics.registry)
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        path = environ.get("PATH_INFO", "")
+        if path in ("/health", "/ready"):
+            ok = not state.engine.dead if path == "/health" else state.accepting
+            start_response("200 OK" if ok else "503 Service Unavailable",
+                           [("Content-Type", "text/plain")])  # fmt: skip
+            return [b"ok\n" if ok else b"unavailable\n"]
+        return metrics_app(environ, start_response)
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+
+    class QuietHandler(WSGIRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = make_server("", port, app, server_class=Server, handler_class=QuietHandler)
+    threading.Thread(target=httpd.serve_forever, name="replica-ops", daemon=True).start()
 
 
 def _replica_tag() -> str:

@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from engine.api.chat import create_chat_completion
 from engine.api.completions import create_completion
-from engine.api.errors import APIError, install_error_handlers
+from engine.api.errors import APIError, install_error_handlers, model_loading
 from engine.api.gate import GateMiddleware
 from engine.api.generation import ClientDisconnected
 from engine.api.middleware import RequestContextMiddleware
@@ -90,15 +90,13 @@ def create_app(
     @app.get("/v1/models", tags=["openai"])
     async def models() -> Response:
         if state.engine.info is None:
-            raise APIError(503, "The model is still loading.", code="model_loading",
-                           headers={"Retry-After": "5"})  # fmt: skip
+            raise model_loading()
         return _json({"object": "list", "data": [_model_card(state)]})
 
     @app.get("/v1/models/{model_id:path}", tags=["openai"])
     async def model(model_id: str) -> Response:
         if state.engine.info is None:
-            raise APIError(503, "The model is still loading.", code="model_loading",
-                           headers={"Retry-After": "5"})  # fmt: skip
+            raise model_loading()
         if model_id != state.model.served_name:
             raise APIError(404, f"The model '{model_id}' does not exist.", param="model",
                            code="model_not_found")  # fmt: skip

@@ -76,6 +76,24 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+def engine_dead() -> APIError:
+    return APIError(503, "The engine has failed; this server is restarting.", code="engine_dead")
+
+
+def draining(retry_after_s: int) -> APIError:
+    return APIError(
+        503, "The server is shutting down; retry on another replica.",
+        code="draining", headers={"Retry-After": str(retry_after_s)},
+    )  # fmt: skip
+
+
+def model_loading() -> APIError:
+    return APIError(
+        503, "The model is still loading; retry shortly.",
+        code="model_loading", headers={"Retry-After": "5"},
+    )  # fmt: skip
+
+
 def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:
     """One readable sentence (and the first offending field) from pydantic errors."""
     parts = []

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine.api.auth import ANONYMOUS, bearer_token
-from engine.api.errors import APIError
+from engine.api.errors import APIError, draining
 
 if TYPE_CHECKING:
     from engine.api.state import ServerState
@@ -57,10 +57,7 @@ class GateMiddleware:
             return None
         if state.draining:
             state.metrics.refused.labels(reason="draining").inc()
-            return APIError(
-                503, "The server is shutting down; retry on another replica.", code="draining",
-                headers={"Retry-After": str(state.settings.admission.retry_after_s)},
-            )  # fmt: skip
+            return draining(state.settings.admission.retry_after_s)
         if state.admission.full:
             return state.admission.queue_full_error()
         limited = state.admission.limiter.check_request(key)

@@ -15,7 +15,7 @@ from starlette.requests import Request
 
 from engine.api.admission import Ticket
 from engine.api.auth import ANONYMOUS
-from engine.api.errors import APIError, bad_request
+from engine.api.errors import APIError, bad_request, draining, engine_dead, model_loading
 from engine.api.schemas import SamplingFields
 from engine.api.state import ServerState
 from engine.llm import (
@@ -42,17 +42,11 @@ class ClientDisconnected(Exception):
 
 def check_serving(state: ServerState) -> None:
     if state.engine.dead:
-        raise APIError(503, "The engine has failed; this server is restarting.", code="engine_dead")
+        raise engine_dead()
     if state.draining:
-        raise APIError(
-            503, "The server is shutting down; retry on another replica.",
-            code="draining", headers={"Retry-After": "1"},
-        )  # fmt: skip
+        raise draining(state.settings.admission.retry_after_s)
     if not state.accepting:
-        raise APIError(
-            503, "The model is still loading; retry shortly.",
-            code="model_loading", headers={"Retry-After": "5"},
-        )  # fmt: skip
+        raise model_loading()
 
 
 def check_model(state: ServerState, requested: str | None) -> None:
@@ -260,13 +254,9 @@ class Run:
                 )  # fmt: skip
             self.finished = True
         except EngineDeadError:
-            raise APIError(
-                503, "The engine has failed; this server is restarting.", code="engine_dead"
-            ) from None
+            raise engine_dead() from None
         except EngineNotReadyError:
-            raise APIError(
-                503, "The model is still loading; retry shortly.", code="model_loading"
-            ) from None
+            raise model_loading() from None
         except EngineRequestError as e:
             raise bad_request(str(e)) from None
         finally:

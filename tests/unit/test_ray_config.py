@@ -8,6 +8,7 @@ import pytest
 import yaml
 
 from engine.config import build_settings
+from engine.metrics import EngineGauges, Metrics
 from engine.ray_autoscaling import CodeLlamaAutoscalingPolicy
 from engine.ray_config import (
     IMPORT_PATH,
@@ -133,3 +134,27 @@ def test_policy_reads_replica_metrics(policy):
     desired, state = policy(_Ctx(2, 16, metrics))
     assert desired == 2 + 2 and state["codellama_reasons"] == ["engine_queue"]
     assert policy(_Ctx(0, 5, {}))[0] == 0
+
+
+def test_replica_ops_port_serves_metrics_health_and_ready():
+    import httpx
+
+    from engine.ray_serve import serve_replica_ops
+    from tests.conftest import free_port
+
+    class _State:
+        accepting = False
+
+        class engine:  # noqa: N801 - a stand-in attribute namespace
+            dead = False
+
+        metrics = Metrics(EngineGauges(*(lambda: 0.0 for _ in range(5))), lambda: "m")
+
+    port = free_port()
+    serve_replica_ops(port, _State)
+    url = f"http://127.0.0.1:{port}"
+    assert "codellama_serve_requests_running" in httpx.get(url + "/metrics").text
+    assert httpx.get(url + "/health").status_code == 200
+    assert httpx.get(url + "/ready").status_code == 503
+    _State.accepting = True
+    assert httpx.get(url + "/ready").status_code == 200
