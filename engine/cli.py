@@ -101,10 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         "demo-model", help="build (if missing) the embedded demo model and print its path"
     )
     demo.add_argument("--rebuild", action="store_true", help="build again even if cached")
-    try:
-        from benchmarks.cli import add_bench_parser
-    except ModuleNotFoundError:  # TODO(issue 3): the harness lands next
-        return parser
+    from benchmarks.cli import add_bench_parser
+
     add_bench_parser(sub)
     return parser
 

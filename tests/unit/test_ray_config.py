@@ -145,7 +145,7 @@ def test_replica_ops_port_serves_metrics_health_and_ready():
     class _State:
         accepting = False
 
-        class engine:  # noqa: N801 - a stand-in attribute namespace
+        class engine:  # a stand-in attribute namespace
             dead = False
 
         metrics = Metrics(EngineGauges(*(lambda: 0.0 for _ in range(5))), lambda: "m")

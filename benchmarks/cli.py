@@ -1,0 +1,450 @@
+"""`codellama-serve bench …`: run a profile, sweep, compare endpoints, list profiles.
+
+Flags override the profile's YAML; `--set key.path=value` reaches any field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import sys
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from benchmarks.client import Target
+    from benchmarks.profiles import Profile
+
+# Heavy imports (numpy, httpx, pydantic models) wait until a bench command runs:
+# `codellama-serve serve` builds this parser too and should not pay for them.
+
+T = TypeVar("T")
+
+EPILOG = """\
+examples:
+  codellama-serve bench run --base-url http://127.0.0.1:8000            # default.yaml
+  codellama-serve bench run poisson --base-url http://127.0.0.1:8000 --rate 8 --duration 30
+  codellama-serve bench run --base-url URL --concurrency 16 --num-requests 200 \\
+      --dataset synthetic --input-tokens 256 --output-tokens 128 --ignore-eos
+  codellama-serve bench sweep --base-url URL --rates 2,4,8,16,32
+  codellama-serve bench compare closed-loop --target ours=http://127.0.0.1:8000 \\
+      --target vllm=http://127.0.0.1:8001 --trials 3
+  codellama-serve bench profiles
+"""
+
+
+def _csv_floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x.strip()]
+
+
+def _add_common(p: argparse.ArgumentParser, *, target: bool = True) -> None:
+    p.add_argument("profile", nargs="?", default=None, help="bundled profile name or YAML file")
+    if target:
+        g = p.add_argument_group("target")
+        g.add_argument(
+            "--base-url",
+            default=os.environ.get("OPENAI_BASE_URL"),
+            help="server URL, with or without /v1 [env: OPENAI_BASE_URL]",
+        )
+        g.add_argument("--model", help="model name (default: the first of GET /v1/models)")
+        g.add_argument("--metrics-url", help="Prometheus URL (default: <base>/metrics)")
+        g.add_argument("--name", default="", help="a label for the target in reports")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("OPENAI_API_KEY"),
+        help="sent as Authorization: Bearer [env: OPENAI_API_KEY]",
+    )
+    g = p.add_argument_group("load (override the profile)")
+    g.add_argument("--concurrency", type=int, help="closed loop at N in flight (1 = synchronous)")
+    g.add_argument("--rate", type=float, help="open loop at R req/s")
+    g.add_argument("--arrival", choices=["constant", "poisson", "gamma"])
+    g.add_argument("--burstiness", type=float, help="gamma shape (<1 burstier, 1 Poisson)")
+    g.add_argument("--max-concurrency", type=int, help="open loop: cap on requests in flight")
+    g.add_argument("--num-requests", type=int)
+    g.add_argument("--duration", type=float, help="seconds of load")
+    g.add_argument("--rates", type=_csv_floats, help="sweep these rates, e.g. 1,2,4,8")
+    g.add_argument("--trace", type=Path, help="replay a JSONL trace")
+    g.add_argument("--time-scale", type=float, help="trace: multiply its times")
+    g = p.add_argument_group("what is sent")
+    g.add_argument("--dataset", choices=["humaneval", "infill", "chat", "synthetic", "jsonl"])
+    g.add_argument("--dataset-path", type=Path, help="jsonl: the file")
+    g.add_argument("--input-tokens", type=int, help="synthetic: prompt tokens (fixed)")
+    g.add_argument("--output-tokens", type=int, help="max_tokens per request (fixed)")
+    g.add_argument("--endpoint", choices=["completions", "chat"])
+    g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--max-tokens", type=int)
+    g.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--temperature", type=float)
+    g.add_argument("--timeout", type=float, help="per-request timeout (s)")
+    g.add_argument("--seed", type=int)
+    g = p.add_argument_group("measurement")
+    g.add_argument("--slo-ttft-ms", type=float)
+    g.add_argument("--slo-tpot-ms", type=float)
+    g.add_argument("--slo-e2e-ms", type=float)
+    g.add_argument("--percentiles", type=_csv_floats, help="e.g. 50,90,99,99.9")
+    g.add_argument("--warmup", type=int, help="warm-up requests (not measured)")
+    g.add_argument(
+        "--server-metrics",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="scrape the target's /metrics",
+    )
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any profile field, e.g. --set load.burstiness=0.5 (value is YAML)",
+    )
+    g.add_argument(
+        "--tokenizer",
+        help="HF name or path for synthetic prompts / token check (default: the demo model's)",
+    )
+    g.add_argument(
+        "--token-check",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="re-tokenize outputs to check usage (auto: when a tokenizer is loaded "
+        "or usage is missing)",
+    )
+    g = p.add_argument_group("output")
+    g.add_argument("--out", type=Path, help="report directory (default results/bench/<time>)")
+    g.add_argument("--save-requests", action="store_true", help="per-request records in the JSON")
+    g.add_argument("--save-text", action="store_true", help="…with their generated text")
+    g.add_argument("--no-plots", action="store_true")
+    g.add_argument("--no-progress", action="store_true")
+    g.add_argument("--quiet", action="store_true", help="no log lines, no summary on stdout")
+    g.add_argument(
+        "--strict",
+        action="store_true",
+        help="exit 3 if the client fell behind (coordinated omission) or was overloaded",
+    )
+    g.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto")
+    g.add_argument(
+        "--loop-lag-interval-ms",
+        type=float,
+        default=5.0,
+        help="period of the client's event-loop lag probe (0: off)",
+    )
+    g.add_argument(
+        "--http",
+        choices=["aiohttp", "httpx"],
+        default="aiohttp",
+        help="HTTP library (aiohttp costs ~6x less client CPU per streamed chunk)",
+    )
+
+
+def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    bench = subparsers.add_parser(
+        "bench",
+        help="benchmark any OpenAI-compatible endpoint",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = bench.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
+    run = sub.add_parser(
+        "run",
+        help="run a profile against one endpoint",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(run)
+    sweep = sub.add_parser("sweep", help="run rates up to saturation and report the knee")
+    _add_common(sweep)
+    cmp = sub.add_parser("compare", help="one profile against several endpoints, interleaved")
+    _add_common(cmp, target=False)
+    cmp.add_argument(
+        "--target",
+        action="append",
+        required=True,
+        metavar="NAME=URL",
+        help="an endpoint (repeat; the first is the baseline). URL may carry "
+        "a model: NAME=URL#model",
+    )
+    cmp.add_argument("--trials", type=int, default=3, help="rounds of A, B, … (default 3)")
+    sub.add_parser("profiles", help="list the bundled profiles")
+    export = sub.add_parser(
+        "export-dataset",
+        help="write the requests a profile would send as JSONL (prompt, output_tokens, …), "
+        "e.g. to give vLLM's `bench serve --dataset-name custom` the very same prompts",
+    )
+    _add_common(export, target=False)
+    export.add_argument("--output", type=Path, required=True, help="the JSONL file to write")
+    export.add_argument("--count", type=int, help="rows (default: the dataset's size)")
+    from benchmarks.fake_server import add_arguments as fake_args
+
+    fake = sub.add_parser(
+        "fake-server",
+        help="a trivial OpenAI-compatible endpoint (for measuring the harness itself)",
+    )
+    fake_args(fake)
+
+
+# ---------------------------------------------------------------- profile from flags
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    import yaml
+
+    from benchmarks.profiles import set_dotted
+
+    o: dict[str, Any] = {}
+
+    def put(key: str, value: Any) -> None:
+        if value is not None:
+            set_dotted(o, key, value)
+
+    if args.concurrency is not None:
+        o["load"] = {"type": "concurrent", "concurrency": args.concurrency}
+    if args.rate is not None:
+        o["load"] = {"type": "rate", "rate": args.rate}
+    if args.rates:
+        o["load"] = {"type": "sweep", "rates": args.rates}
+    if args.trace is not None:
+        o["load"] = {"type": "trace", "path": str(args.trace)}
+    put("load.arrival", args.arrival)
+    put("load.burstiness", args.burstiness)
+    put("load.max_concurrency", args.max_concurrency)
+    put("load.time_scale", args.time_scale)
+    put("num_requests", args.num_requests)
+    put("duration_s", args.duration)
+    if args.dataset is not None:
+        o.setdefault("dataset", {})["type"] = args.dataset
+    put("dataset.path", str(args.dataset_path) if args.dataset_path else None)
+    put("dataset.input_tokens", args.input_tokens)
+    if args.output_tokens is not None:
+        put("dataset.output_tokens", args.output_tokens)
+        put("request.max_tokens", args.output_tokens)
+    put("request.endpoint", args.endpoint)
+    put("request.stream", args.stream)
+    put("request.max_tokens", args.max_tokens)
+    put("request.ignore_eos", args.ignore_eos)
+    put("request.temperature", args.temperature)
+    put("request.timeout_s", args.timeout)
+    put("seed", args.seed)
+    put("slo.ttft_ms", args.slo_ttft_ms)
+    put("slo.tpot_ms", args.slo_tpot_ms)
+    put("slo.e2e_ms", args.slo_e2e_ms)
+    put("percentiles", args.percentiles)
+    put("warmup_requests", args.warmup)
+    put("server_metrics", args.server_metrics)
+    for kv in args.set:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise ValueError(f"--set needs KEY=VALUE, got {kv!r}")
+        set_dotted(o, key.strip(), yaml.safe_load(value))
+    return o
+
+
+def profile_from_args(args: argparse.Namespace, default: str = "default") -> Profile:
+    from benchmarks.profiles import Profile, deep_merge, read_profile_dict
+
+    name = args.profile or default
+    data, _ = read_profile_dict(name)
+    over = overrides_from_args(args)
+    # Flags that change the load shape drop the profile's count/duration bounds
+    # only when they conflict with the new shape.
+    if over.get("load", {}).get("type") in ("sweep", "trace"):
+        data.pop("num_requests", None)
+        data.pop("duration_s", None)
+    return Profile.model_validate(deep_merge(data, over))
+
+
+# ---------------------------------------------------------------- running
+
+
+def _run_async(coro: Coroutine[Any, Any, T], loop: str) -> T:
+    factory = None
+    if loop in ("auto", "uvloop"):
+        try:
+            import uvloop
+
+            factory = uvloop.new_event_loop
+        except ImportError:
+            if loop == "uvloop":
+                raise
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(coro)
+
+
+def _out_dir(args: argparse.Namespace, kind: str) -> Path:
+    if args.out:
+        return Path(args.out)
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("results") / "bench" / f"{stamp}-{kind}"
+
+
+def _log(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    if args.quiet:
+        return lambda _m: None
+    return lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not (args.no_progress or args.quiet) and sys.stderr.isatty()
+
+
+def _parse_target(spec: str, api_key: str | None) -> Target:
+    from benchmarks.client import Target
+
+    name, sep, url = spec.partition("=")
+    if not sep:
+        name, url = "", spec
+    url, _, model = url.partition("#")
+    return Target(url, api_key=api_key, model=model or None, name=name)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    import yaml
+    from pydantic import ValidationError
+
+    from benchmarks.client import Target
+    from benchmarks.profiles import bundled_profiles
+
+    cmd = args.bench_command
+    if cmd == "profiles":
+        for name, path in bundled_profiles().items():
+            desc = (yaml.safe_load(path.read_text()) or {}).get("description", "")
+            print(f"{name:14} {' '.join(str(desc).split())[:100]}")
+        return 0
+    if cmd == "fake-server":
+        from benchmarks.fake_server import serve
+
+        return serve(args)
+    if cmd == "export-dataset":
+        return _export(args)
+    log = _log(args)
+    try:
+        profile = profile_from_args(args, default="sweep" if cmd == "sweep" else "default")
+    except (ValidationError, ValueError, FileNotFoundError) as e:
+        print(f"codellama-serve bench: invalid profile: {e}", file=sys.stderr)
+        return 2
+    runner_kwargs = {
+        "progress": _progress(args),
+        "tokenizer": args.tokenizer,
+        "token_check": args.token_check,
+        "http": args.http,
+        "loop_lag_interval_s": args.loop_lag_interval_ms / 1000,
+    }
+    if cmd == "compare":
+        return _compare(args, profile, runner_kwargs, log)
+    if not args.base_url:
+        print("codellama-serve bench: --base-url is required (or OPENAI_BASE_URL)", file=sys.stderr)
+        return 2
+    target = Target(
+        args.base_url,
+        api_key=args.api_key,
+        model=args.model,
+        metrics_url=args.metrics_url,
+        name=args.name,
+    )
+    import aiohttp
+    import httpx
+
+    from benchmarks.report import run_markdown, write_run_report
+    from benchmarks.runner import Runner, WarmupFailed
+
+    try:
+        result = _run_async(Runner(profile, target, log=log, **runner_kwargs).run(), args.loop)
+    except WarmupFailed as e:
+        print(f"codellama-serve bench: {e}", file=sys.stderr)
+        return 2
+    except (OSError, RuntimeError, httpx.HTTPError, aiohttp.ClientError) as e:
+        print(f"codellama-serve bench: {target.api}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    out = _out_dir(args, profile.name)
+    paths = write_run_report(
+        result,
+        out,
+        with_requests=args.save_requests or args.save_text,
+        with_text=args.save_text,
+        command=sys.argv,
+        plots=not args.no_plots,
+    )
+    if not args.quiet:
+        print(run_markdown(result))
+        print(f"report: {paths['json']}  {paths['markdown']}", file=sys.stderr)
+    return _exit_code(args, [result])
+
+
+def _compare(
+    args: argparse.Namespace, profile: Profile, runner_kwargs: dict[str, Any], log: Any
+) -> int:
+    import aiohttp
+    import httpx
+
+    from benchmarks.compare import compare, comparison_markdown, write_comparison
+    from benchmarks.runner import WarmupFailed
+
+    targets = [_parse_target(t, args.api_key) for t in args.target]
+    try:
+        cmp = _run_async(
+            compare(profile, targets, args.trials, runner_kwargs=runner_kwargs, log=log), args.loop
+        )
+    except (
+        WarmupFailed,
+        ValueError,
+        OSError,
+        RuntimeError,
+        httpx.HTTPError,
+        aiohttp.ClientError,
+    ) as e:
+        print(f"codellama-serve bench: {e}", file=sys.stderr)
+        return 2
+    out = _out_dir(args, f"compare-{profile.name}")
+    paths = write_comparison(cmp, out, command=sys.argv, with_requests=args.save_requests)
+    if not args.quiet:
+        print(comparison_markdown(cmp))
+        print(f"report: {paths['json']}  {paths['markdown']}", file=sys.stderr)
+    return _exit_code(args, [r for runs in cmp.results.values() for r in runs])
+
+
+def _export(args: argparse.Namespace) -> int:
+    import itertools
+    import json
+
+    from pydantic import ValidationError
+
+    from benchmarks.datasets import build_items, cycle, load_tokenizer
+
+    try:
+        profile = profile_from_args(args)
+    except (ValidationError, ValueError, FileNotFoundError) as e:
+        print(f"codellama-serve bench: invalid profile: {e}", file=sys.stderr)
+        return 2
+    items = build_items(profile.dataset, profile.seed, lambda: load_tokenizer(args.tokenizer))
+    count = args.count or len(items)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with args.output.open("w", encoding="utf-8") as f:
+        for it in itertools.islice(cycle(items), count):
+            row: dict[str, Any] = {"id": it.id}
+            if it.messages is not None:
+                row["messages"] = list(it.messages)
+            else:
+                row["prompt"] = it.prompt
+            if it.suffix is not None:
+                row["suffix"] = it.suffix
+            out = it.max_tokens if it.max_tokens is not None else profile.request.max_tokens
+            if out is not None:
+                row["output_tokens"] = out
+            if it.input_tokens is not None:
+                row["input_tokens"] = it.input_tokens
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    print(f"{count} requests → {args.output}", file=sys.stderr)
+    return 0
+
+
+def _exit_code(args: argparse.Namespace, results: list[Any]) -> int:
+    if any(r.summary["completed"] == 0 for r in results):
+        return 1
+    if args.strict and any(
+        r.client["loop_lag"].get("overloaded")
+        or any(st.summary["load"].get("coordinated_omission") for st in r.steps)
+        for r in results
+    ):
+        return 3
+    return 0
