@@ -42,7 +42,9 @@ class EngineConfig(Section):
     )
     download_dir: str | None = Field(None, description="Where to download and cache weights.")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        "auto", description="Weight and activation dtype."
+        "auto",
+        description="Weight and activation dtype (auto: the checkpoint's; float32 for the demo "
+        "model, which vLLM would otherwise run in bfloat16).",
     )
     tensor_parallel_size: int = Field(
         1, ge=1, le=64, description="GPUs per replica (tensor parallel)."
@@ -118,6 +120,14 @@ class ServerConfig(Section):
     drain_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish."
     )
+    stream_coalesce_ms: float | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description="Streaming: send a request's frames together at most this often (the "
+        "first at once, the last with the end); fewer, larger writes where each one is costly. "
+        "Default: 0 standalone, 100 in Ray Serve, where every write is a message to the proxy.",
+    )
 
 
 class AuthConfig(Section):
@@ -159,7 +169,8 @@ class AdmissionConfig(Section):
     max_waiting_prompt_tokens: int = Field(
         262_144,
         ge=1,
-        description="Prompt tokens allowed to wait for prefill; past it new requests get 429.",
+        description="Prompt tokens allowed to wait for prefill (a non-streamed request's count "
+        "until it finishes); past it new requests get 429.",
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429 and 503.")
 

@@ -65,6 +65,9 @@ class SamplingOptions:
     logprobs: int | None = None  # top-k alternatives per generated token
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Streaming gets each step's new tokens; otherwise one final output, with
+    # no per-step work in the frontend at all.
+    stream: bool = True
 
 
 @dataclass(slots=True)
@@ -93,6 +96,10 @@ class StepOutput:
     finished: bool
     prompt_logprobs: list[TokenLogprob | None] | None = None
     num_cached_tokens: int = 0
+    # On a non-streamed request's final output: seconds from the engine's
+    # arrival to its first token, and from first to last token.
+    first_token_latency: float | None = None
+    decode_time: float | None = None
 
 
 @dataclass(slots=True)
@@ -145,7 +152,9 @@ def engine_args(cfg: EngineConfig, model_path: str, gpu: bool) -> Any:
         tokenizer=cfg.tokenizer,
         revision=cfg.revision,
         download_dir=cfg.download_dir,
-        dtype=cfg.dtype,
+        # vLLM's "auto" runs a float32 checkpoint in bfloat16 on CPU, which is
+        # ~2.5x slower here than float32 (no AMX: oneDNN falls back).
+        dtype="float32" if is_demo and cfg.dtype == "auto" else cfg.dtype,
         tensor_parallel_size=cfg.tensor_parallel_size,
         max_model_len=max_model_len,
         max_num_seqs=cfg.max_num_seqs,
@@ -174,13 +183,19 @@ def engine_args(cfg: EngineConfig, model_path: str, gpu: bool) -> Any:
 
 
 def _stats_logger_factory(sink: EngineStats):
-    from vllm.v1.metrics.loggers import StatLoggerBase
+    from vllm.v1.metrics.loggers import PrometheusStatLogger
 
-    class _StatsLogger(StatLoggerBase):
-        """Copies the scheduler's queue and cache figures into `sink` each step."""
+    class _StatsLogger(PrometheusStatLogger):
+        """Copies the scheduler's queue and cache figures into `sink` each step.
 
-        def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
-            self.engine_index = engine_index
+        It subclasses vLLM's Prometheus logger only so that vLLM does not add
+        that logger itself (vLLM adds it unless a custom one is of its class):
+        our metrics are ours, and its per-step recording would cost the
+        frontend CPU for series nobody exports.
+        """
+
+        def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:
+            pass  # none of PrometheusStatLogger's metrics
 
         def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
             if scheduler_stats is not None:
@@ -191,7 +206,16 @@ def _stats_logger_factory(sink: EngineStats):
                 sink.kv_cache_usage = scheduler_stats.kv_cache_usage
                 sink.updated_at = time.monotonic()
 
+        def record_admission_rejection(self, reason: str) -> None:
+            pass
+
+        def record_sleep_state(self, sleep: int = 0, level: int = 0) -> None:
+            pass
+
         def log_engine_initialized(self) -> None:
+            pass
+
+        def log(self) -> None:
             pass
 
     return _StatsLogger
@@ -329,6 +353,7 @@ class Engine:
                     if options.prompt_logprobs is not None and out.prompt_logprobs is not None
                     else None,
                     num_cached_tokens=out.num_cached_tokens or 0,
+                    **({} if options.stream else _timing(out)),
                 )
         except VllmEngineDeadError as e:
             raise EngineDeadError("the engine process has died") from e
@@ -363,9 +388,9 @@ class Engine:
                 logprobs=o.logprobs,
                 prompt_logprobs=o.prompt_logprobs,
                 skip_special_tokens=o.skip_special_tokens,
-                # Each step yields only what is new: no re-sending of the
-                # whole text, which is what keeps streaming O(tokens).
-                output_kind=RequestOutputKind.DELTA,
+                # Each step yields only what is new (streaming stays O(tokens));
+                # a non-streamed request gets its one final output.
+                output_kind=RequestOutputKind.DELTA if o.stream else RequestOutputKind.FINAL_ONLY,
             )
         except (VLLMClientError, ValueError) as e:
             raise EngineRequestError(str(e)) from e
@@ -401,6 +426,16 @@ class Engine:
             logprob=chosen.logprob if chosen else float("-inf"),
             top=top,
         )
+
+
+def _timing(out: Any) -> dict[str, float]:
+    m = getattr(out, "metrics", None)
+    if not out.finished or m is None or not m.first_token_ts:
+        return {}
+    return {
+        "first_token_latency": m.first_token_latency,
+        "decode_time": max(0.0, m.last_token_ts - m.first_token_ts),
+    }
 
 
 def configure_vllm_logging(level: str) -> None:

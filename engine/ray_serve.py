@@ -81,6 +81,13 @@ class CodeLlamaServer:
         self.state = self.fastapi_app.state.server
         self._serve_own_metrics()
 
+    def __del__(self) -> None:
+        # Ray Serve calls this when it stops a replica (scale-down, redeploy,
+        # shutdown): the engine's processes go with it instead of outliving it.
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
     def __serve_build_asgi_app__(self) -> Any:
         return self.fastapi_app
 

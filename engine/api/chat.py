@@ -145,7 +145,7 @@ async def _stream(
         if req.include_usage:
             yield frames.usage(run.usage())
 
-    return SSEResponse(produce(), run.close)
+    return SSEResponse(produce(), run.close, coalesce_s=run.state.stream_coalesce_s)
 
 
 __all__ = ["APIError", "create_chat_completion"]

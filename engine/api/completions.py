@@ -192,4 +192,4 @@ async def _stream(
         if req.include_usage:
             yield frames.usage(run.usage())
 
-    return SSEResponse(produce(), run.close)
+    return SSEResponse(produce(), run.close, coalesce_s=state.stream_coalesce_s)

@@ -118,6 +118,7 @@ def sampling_options(
         logprobs=logprobs,
         prompt_logprobs=prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
+        stream=req.stream,
     )
 
 
@@ -271,13 +272,19 @@ class Run:
 
     def _count(self, prompt_index: int, n: int, step: StepOutput) -> None:
         now = time.monotonic()
+        if step.first_token_latency is not None and self.first_token_at is None:
+            # A non-streamed request arrives whole: the engine timed its tokens.
+            self.first_token_at = self.arrival + step.first_token_latency
+            self.last_token_at = self.first_token_at + (step.decode_time or 0.0)
+            self.ticket.first_token()
         for seq in step.sequences:
             k = len(seq.token_ids)
             if k:
                 if self.first_token_at is None:
                     self.first_token_at = now
                     self.ticket.first_token()
-                self.last_token_at = now
+                if self.options.stream:
+                    self.last_token_at = now
                 self.completion_tokens += k
                 self.tokens_per_choice[prompt_index * n + seq.index] += k
 

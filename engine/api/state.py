@@ -37,6 +37,9 @@ class EngineLike(Protocol):
     async def abort(self, request_id: str) -> None: ...
 
 
+RAY_STREAM_COALESCE_MS = 100.0
+
+
 @dataclass
 class ServerState:
     settings: Settings
@@ -68,6 +71,13 @@ class ServerState:
         self.keys = KeyStore.from_config(self.settings.auth)
         self.admission = Admission(self.settings, self.metrics)
         self.idle.set()
+
+    @property
+    def stream_coalesce_s(self) -> float:
+        ms = self.settings.server.stream_coalesce_ms
+        if ms is None:  # Ray's proxy pays per message; a local socket write is cheap
+            ms = RAY_STREAM_COALESCE_MS if self.replica_id else 0.0
+        return ms / 1000
 
     def on_engine_started(self, info: ModelInfo) -> None:
         """Build what depends on the loaded tokenizer; the API serves from here on."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 from starlette.responses import StreamingResponse
@@ -32,11 +33,15 @@ class SSEResponse(StreamingResponse):
         frames: AsyncIterator[bytes],
         finish: Callable[[int], Awaitable[None]],
         headers: dict[str, str] | None = None,
+        coalesce_s: float = 0.0,
     ) -> None:
         self._frames = frames
         self._finish = finish
         self._status = CLIENT_CLOSED
-        super().__init__(self._events(), headers={**SSE_HEADERS, **(headers or {})})
+        events = self._events()
+        if coalesce_s > 0:
+            events = coalesce(events, coalesce_s)
+        super().__init__(events, headers={**SSE_HEADERS, **(headers or {})})
 
     async def _events(self) -> AsyncIterator[bytes]:
         try:
@@ -56,3 +61,27 @@ class SSEResponse(StreamingResponse):
                 with contextlib.suppress(Exception):
                     await it.aclose()  # type: ignore[attr-defined]
             await self._finish(self._status)
+
+
+async def coalesce(chunks: AsyncIterator[bytes], interval_s: float) -> AsyncIterator[bytes]:
+    """Join chunks that arrive within `interval_s` of the last write into one.
+
+    The first chunk goes at once (TTFT is untouched) and whatever is held
+    goes with the end of the stream. It needs no timer task: a held chunk
+    waits at most for the next one, which a running generation sends within
+    a decode step.
+    """
+    held: list[bytes] = []
+    last = -interval_s
+    try:
+        async for chunk in chunks:
+            held.append(chunk)
+            now = time.monotonic()
+            if now - last >= interval_s:
+                yield b"".join(held)
+                held.clear()
+                last = now
+        if held:
+            yield b"".join(held)
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]

@@ -8,6 +8,7 @@ and back to 1 when the load ends. Each transition's time is printed.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import psutil
 import pytest
 import yaml
 
@@ -51,6 +53,7 @@ class RayApp:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "engine", "serve", "--ray", "--config", str(cfg)],
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,  # its session holds Ray's processes, orphans included
             )  # fmt: skip
 
     @property
@@ -70,6 +73,15 @@ class RayApp:
                 last = int(states.get("RUNNING", 0))
         return last
 
+    def engine_cores(self) -> int:
+        """vLLM engine-core processes in the session of `serve --ray`: under Ray's
+        workers, or orphaned by one."""
+        # /proc's comm holds 15 characters: "VLLM::EngineCor".
+        return sum(
+            1 for p in psutil.process_iter()
+            if _sid(p.pid) == self.proc.pid and _name(p).startswith("VLLM::EngineCor")
+        )  # fmt: skip
+
     def wait_running(self, n: int, timeout: float) -> float:
         started = time.monotonic()
         while self.running() != n:
@@ -79,6 +91,20 @@ class RayApp:
             )
             time.sleep(0.5)
         return time.monotonic() - started
+
+
+def _name(p: psutil.Process) -> str:
+    try:
+        return p.name()
+    except psutil.Error:
+        return ""
+
+
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +195,8 @@ async def test_autoscaling_follows_a_load_step(ray_app):
         await asyncio.gather(*load, return_exceptions=True)
     down = ray_app.wait_running(1, timeout=180)
     print(f"load ended: 2 -> 1 replicas in {down:.1f} s")
+    # A stopped replica takes its vLLM engine with it.
+    deadline = time.monotonic() + 60
+    while (engines := ray_app.engine_cores()) != 1:
+        assert time.monotonic() < deadline, f"{engines} engine-core processes for 1 replica"
+        await asyncio.sleep(1)

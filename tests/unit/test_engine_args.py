@@ -47,3 +47,11 @@ def test_explicit_context_window_wins():
 def test_vllm_stat_loggers_are_ours_alone():
     a = engine_args(EngineConfig(model=REAL_MODEL), REAL_MODEL, gpu=True)
     assert a.disable_log_stats is True and a.enable_log_requests is False
+
+
+def test_demo_model_runs_in_float32_unless_told_otherwise():
+    # vLLM's "auto" would pick bfloat16 on CPU for a float32 checkpoint.
+    assert engine_args(EngineConfig(model="demo"), "/cache/demo", gpu=False).dtype == "float32"
+    told = EngineConfig(model="demo", dtype="bfloat16")
+    assert engine_args(told, "/cache/demo", gpu=False).dtype == "bfloat16"
+    assert engine_args(EngineConfig(model=REAL_MODEL), REAL_MODEL, gpu=True).dtype == "auto"

@@ -1,0 +1,463 @@
+"""Throughput parity: our server against vLLM's own OpenAI server and against
+`vllm.LLM.generate` offline, on the same model, engine settings and prompts.
+
+It starts every target itself, runs the trials interleaved (the order rotates
+each round so machine drift hits every target alike), measures each trial with
+the harness (`codellama-serve bench run`) plus the CPU seconds of the target's
+processes from /proc (frontend and engine separately) and of the load client,
+and writes a table of medians and ratios:
+
+    python -m benchmarks.parity                      # make parity
+    python -m benchmarks.parity --trials 5 --configs stream-64
+    python -m benchmarks.parity --targets ours,offline --configs stream-64   # issue 2's ratio
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from benchmarks.serve_and_bench import ServerProcess, free_port, start_server
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_NAME = "codellama-serve-demo"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    name: str
+    concurrency: int
+    stream: bool
+    requests: int = 256
+    input_tokens: int = 32
+    output_tokens: int = 128
+
+
+CONFIGS = {
+    "stream-64": LoadConfig("stream-64", 64, True),
+    "stream-256": LoadConfig("stream-256", 256, True),
+    "nostream-256": LoadConfig("nostream-256", 256, False),
+}
+
+# The same engine settings for every target (our defaults on the demo model).
+# float32 is what our server picks for the demo model (vLLM's "auto" would be bfloat16).
+ENGINE = {
+    "max_model_len": 2048, "max_num_seqs": 256, "seed": 0, "kv_cache_gib": 1, "dtype": "float32",
+}  # fmt: skip
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (its threads included), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def descendants(pid: int) -> list[int]:
+    import psutil
+
+    try:
+        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+@dataclass
+class Trial:
+    target: str
+    config: str
+    round: int
+    output_tok_s: float
+    median_ttft_ms: float | None
+    p99_ttft_ms: float | None
+    median_tpot_ms: float | None
+    output_tokens: int
+    failed: int
+    frontend_cpu_s: float
+    engine_cpu_s: float
+    client_cpu_s: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def per_token(self, cpu: float) -> float:
+        return cpu / self.output_tokens if self.output_tokens else float("nan")
+
+
+# ---------------------------------------------------------------- targets
+
+
+class ServerTarget:
+    """An OpenAI-compatible server in its own process group."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, log: Path):
+        self.name, self.argv, self.env, self.port, self.log_path = name, argv, env, port, log
+        self.server: ServerProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        """Start it and wait until it serves."""
+        self.server = start_server(self.argv, self.env, "/v1/models", self.log_path, self.port)
+
+    def cpu(self) -> tuple[float, float]:
+        """(frontend, engine) CPU seconds: the server process, and its children."""
+        assert self.server is not None
+        pid = self.server.pid
+        return cpu_seconds(pid), sum(map(cpu_seconds, descendants(pid)))
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+
+def ours(log_dir: Path, name: str = "ours") -> ServerTarget:
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "engine", "serve", "--port", str(port), "--model", "demo",
+        "--max-model-len", str(ENGINE["max_model_len"]),
+        "--max-num-seqs", str(ENGINE["max_num_seqs"]),
+        "--seed", str(ENGINE["seed"]), "--cpu-kvcache-space-gib", str(ENGINE["kv_cache_gib"]),
+        # The queue bound must not refuse the 256-stream config's requests.
+        "--max-waiting-requests", "256",
+    ]  # fmt: skip
+    return ServerTarget(name, cmd, {}, port, log_dir / f"{name}.log")
+
+
+def vllm_server(model_path: str, log_dir: Path) -> ServerTarget:
+    port = free_port()
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+        "--served-model-name", MODEL_NAME, "--port", str(port),
+        "--max-model-len", str(ENGINE["max_model_len"]),
+        "--max-num-seqs", str(ENGINE["max_num_seqs"]),
+        "--seed", str(ENGINE["seed"]), "--enforce-eager", "--dtype", ENGINE["dtype"],
+    ]  # fmt: skip
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(ENGINE["kv_cache_gib"])}
+    return ServerTarget("vllm", cmd, env, port, log_dir / "vllm.log")
+
+
+class OfflineTarget:
+    """`vllm.LLM.generate` in a worker process that stays up between trials."""
+
+    name = "offline"
+
+    def __init__(self, model_path: str, log: Path) -> None:
+        self.model_path, self.log_path = model_path, log
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        """Start the worker and wait until its engine is up."""
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.parity", "--offline-worker", self.model_path],
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
+            text=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(ENGINE["kv_cache_gib"])},
+            start_new_session=True,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if json.loads(line or "{}").get("ready") is not True:
+            raise RuntimeError(f"offline worker failed; see {self.log_path}")
+
+    def run(self, prompts: list[str], output_tokens: int) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdin and self.proc.stdout
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "max_tokens": output_tokens}) + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(60)
+
+
+def offline_worker(model_path: str) -> int:
+    """Child process: build `vllm.LLM`, then run generate() per JSON line on stdin."""
+    # Answers go to the original stdout; everything else written to fd 1 (vLLM's
+    # logs, its child processes) goes to stderr, so the parent reads only JSON.
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=model_path, max_model_len=ENGINE["max_model_len"],
+        max_num_seqs=ENGINE["max_num_seqs"], seed=ENGINE["seed"], enforce_eager=True,
+        dtype=ENGINE["dtype"],
+        disable_log_stats=True,
+    )  # fmt: skip
+    print(json.dumps({"ready": True}), file=answers, flush=True)
+    for line in sys.stdin:
+        job = json.loads(line)
+        params = SamplingParams(max_tokens=job["max_tokens"], ignore_eos=True, temperature=1.0)
+        me = os.getpid()
+        kids = descendants(me)
+        cpu0 = cpu_seconds(me), sum(map(cpu_seconds, kids))
+        t0 = time.perf_counter()
+        outs = llm.generate(job["prompts"], params, use_tqdm=False)
+        elapsed = time.perf_counter() - t0
+        cpu1 = cpu_seconds(me), sum(map(cpu_seconds, kids))
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        print(json.dumps({
+            "seconds": elapsed, "output_tokens": tokens,
+            "frontend_cpu_s": cpu1[0] - cpu0[0], "engine_cpu_s": cpu1[1] - cpu0[1],
+        }), file=answers, flush=True)  # fmt: skip
+    return 0
+
+
+# ---------------------------------------------------------------- trials
+
+
+def export_prompts(cfg: LoadConfig, out: Path) -> Path:
+    """The synthetic prompts every target gets (the harness's own generator)."""
+    path = out / f"prompts-{cfg.input_tokens}.jsonl"
+    if not path.exists():
+        subprocess.run(
+            [sys.executable, "-m", "engine", "bench", "export-dataset", "default",
+             "--dataset", "synthetic", "--input-tokens", str(cfg.input_tokens),
+             "--output-tokens", str(cfg.output_tokens), "--count", "1024",
+             "--output", str(path)],
+            cwd=ROOT, check=True, capture_output=True,
+        )  # fmt: skip
+    return path
+
+
+def load_prompts(path: Path) -> list[str]:
+    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
+
+
+class Measurable(Protocol):
+    name: str
+
+    @property
+    def url(self) -> str: ...
+
+    def cpu(self) -> tuple[float, float]: ...
+
+
+def server_trial(
+    target: Measurable, cfg: LoadConfig, prompts: Path, out: Path, rnd: int, pin: str | None = None
+) -> Trial:
+    report_dir = out / f"{cfg.name}-{target.name}-{rnd}"
+    cmd = [
+        sys.executable, "-m", "engine", "bench", "run", "--base-url", target.url,
+        "--concurrency", str(cfg.concurrency), "--num-requests", str(cfg.requests),
+        "--duration", "600", "--dataset", "jsonl", "--dataset-path", str(prompts),
+        "--set", "dataset.shuffle=false", "--max-tokens", str(cfg.output_tokens), "--ignore-eos",
+        "--stream" if cfg.stream else "--no-stream", "--warmup", "0", "--no-progress",
+        "--no-plots", "--no-server-metrics", "--token-check", "never", "--quiet",
+        "--out", str(report_dir),
+    ]  # fmt: skip
+    if pin:
+        cmd = ["taskset", "-c", pin, *cmd]
+    fe0, en0 = target.cpu()
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    fe1, en1 = target.cpu()
+    r = json.loads((report_dir / "report.json").read_text())
+    tokens = r["total_output_tokens"]
+    return Trial(
+        target=target.name, config=cfg.name, round=rnd,
+        output_tok_s=r["output_throughput"], median_ttft_ms=r.get("median_ttft_ms"),
+        p99_ttft_ms=r.get("p99_ttft_ms"), median_tpot_ms=r.get("median_tpot_ms"),
+        output_tokens=tokens, failed=r["failed"],
+        frontend_cpu_s=fe1 - fe0, engine_cpu_s=en1 - en0,
+        client_cpu_s=r["client"]["cpu"]["cpu_s"],
+    )  # fmt: skip
+
+
+def offline_trial(target: OfflineTarget, cfg: LoadConfig, prompts: list[str], rnd: int) -> Trial:
+    # Offline gets the batch the server keeps in flight: `concurrency` prompts at once.
+    batch = prompts[: cfg.concurrency]
+    r = target.run(batch, cfg.output_tokens)
+    return Trial(
+        target="offline", config=cfg.name, round=rnd,
+        output_tok_s=r["output_tokens"] / r["seconds"], median_ttft_ms=None,
+        p99_ttft_ms=None, median_tpot_ms=None, output_tokens=r["output_tokens"], failed=0,
+        frontend_cpu_s=r["frontend_cpu_s"], engine_cpu_s=r["engine_cpu_s"], client_cpu_s=0.0,
+    )  # fmt: skip
+
+
+def rotations(names: Sequence[str], rounds: int) -> Iterator[tuple[int, list[str]]]:
+    for rnd in range(rounds):
+        k = rnd % len(names)
+        yield rnd, [*names[k:], *names[:k]]
+
+
+# ---------------------------------------------------------------- report
+
+
+def _median(values: list[float | None]) -> float | None:
+    xs = [v for v in values if v is not None]
+    return statistics.median(xs) if xs else None
+
+
+def summarize(trials: list[Trial]) -> dict[str, dict[str, dict[str, float | None]]]:
+    out: dict[str, dict[str, dict[str, float | None]]] = {}
+    for t in trials:
+        out.setdefault(t.config, {}).setdefault(t.target, {})
+    for cfg, targets in out.items():
+        for name in targets:
+            mine = [t for t in trials if t.config == cfg and t.target == name]
+            targets[name] = {
+                "output_tok_s": _median([t.output_tok_s for t in mine]),
+                "median_ttft_ms": _median([t.median_ttft_ms for t in mine]),
+                "p99_ttft_ms": _median([t.p99_ttft_ms for t in mine]),
+                "median_tpot_ms": _median([t.median_tpot_ms for t in mine]),
+                "frontend_cpu_ms_per_tok": _median(
+                    [t.per_token(t.frontend_cpu_s) * 1e3 for t in mine]
+                ),
+                "engine_cpu_ms_per_tok": _median([t.per_token(t.engine_cpu_s) * 1e3 for t in mine]),
+                "client_cpu_ms_per_tok": _median([t.per_token(t.client_cpu_s) * 1e3 for t in mine]),
+                "trials": len(mine),
+                "failed": sum(t.failed for t in mine),
+            }
+    return out
+
+
+def _f(v: float | None, fmt: str = ",.1f") -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "–" if a is None or not b else f"{a / b:.2f}×"
+
+
+def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
+    lines = [
+        f"Parity run {meta['date']} · {meta['command']}",
+        "",
+        f"Demo model, engine settings {meta['engine']}, {meta['rounds']} interleaved rounds, "
+        "medians; prompts of 32 tokens, 128 output tokens with ignore_eos, 256 requests.",
+        "",
+        "| Load | Target | Output tok/s | TTFT median / p99 (ms) | TPOT median (ms) "
+        "| Frontend CPU ms/tok | Engine CPU ms/tok | Client CPU ms/tok |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for cfg, targets in summary.items():
+        for name, s in targets.items():
+            lines.append(
+                f"| {cfg} | {name} | {_f(s['output_tok_s'])} | {_f(s['median_ttft_ms'])} / "
+                f"{_f(s['p99_ttft_ms'])} | {_f(s['median_tpot_ms'], '.2f')} | "
+                f"{_f(s['frontend_cpu_ms_per_tok'], '.3f')} | "
+                f"{_f(s['engine_cpu_ms_per_tok'], '.3f')} | "
+                f"{_f(s['client_cpu_ms_per_tok'], '.3f')} |"
+            )
+    lines += ["", "| Load | ours / vllm tok/s | ours / offline tok/s | TTFT median ours / vllm "
+              "| TTFT p99 ours / vllm | TPOT ours / vllm | Frontend CPU/tok ours / vllm |",
+              "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for cfg, t in summary.items():
+        o, v, off = t.get("ours", {}), t.get("vllm", {}), t.get("offline", {})
+        lines.append(
+            f"| {cfg} | {_ratio(o.get('output_tok_s'), v.get('output_tok_s'))} | "
+            f"{_ratio(o.get('output_tok_s'), off.get('output_tok_s'))} | "
+            f"{_ratio(o.get('median_ttft_ms'), v.get('median_ttft_ms'))} | "
+            f"{_ratio(o.get('p99_ttft_ms'), v.get('p99_ttft_ms'))} | "
+            f"{_ratio(o.get('median_tpot_ms'), v.get('median_tpot_ms'))} | "
+            f"{_ratio(o.get('frontend_cpu_ms_per_tok'), v.get('frontend_cpu_ms_per_tok'))} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def write_report(
+    out: Path,
+    stem: str,
+    trials: list[Trial],
+    meta: dict[str, Any],
+    render: Callable[[dict[str, Any], dict[str, Any]], str],
+) -> None:
+    """<stem>.json (settings, medians, every trial) and <stem>.md (the tables), printed."""
+    summary = summarize(trials)
+    data = {"meta": meta, "summary": summary, "trials": [asdict(t) for t in trials]}
+    (out / f"{stem}.json").write_text(json.dumps(data, indent=2))
+    table = render(summary, meta)
+    (out / f"{stem}.md").write_text(table)
+    print(table)
+    print(f"report: {out / f'{stem}.md'}")
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.parity", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument(
+        "--targets", default="ours,vllm,offline", help="comma-separated: ours, vllm, offline"
+    )
+    p.add_argument(
+        "--configs", default=",".join(CONFIGS), help=f"comma-separated: {', '.join(CONFIGS)}"
+    )
+    p.add_argument("--trials", type=int, default=3, help="interleaved rounds per config")
+    p.add_argument("--pin-client", metavar="CPUS", help="taskset CPU list for the load client")
+    p.add_argument("--out", type=Path, help="report directory (default results/parity/<time>)")
+    p.add_argument("--offline-worker", metavar="MODEL", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.offline_worker:
+        return offline_worker(args.offline_worker)
+
+    from engine.demo_model import ensure_demo_model
+
+    model_path = str(ensure_demo_model())
+    out = args.out or ROOT / "results" / "parity" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    configs = [CONFIGS[c] for c in args.configs.split(",")]
+    names = args.targets.split(",")
+    factories = {
+        "ours": lambda: ours(out),
+        "vllm": lambda: vllm_server(model_path, out),
+        "offline": lambda: OfflineTarget(model_path, out / "offline.log"),
+    }
+    targets: dict[str, Any] = {n: factories[n]() for n in names}
+    trials: list[Trial] = []
+    try:
+        for t in targets.values():  # one at a time: two engines loading at once on 2 cores
+            t.start()
+        for cfg in configs:
+            prompts_path = export_prompts(cfg, out)
+            prompts = load_prompts(prompts_path)
+            for name, t in targets.items():  # warm-up, not reported
+                if name == "offline":
+                    offline_trial(t, cfg, prompts, -1)
+                else:
+                    server_trial(t, cfg, prompts_path, out, -1, args.pin_client)
+            for rnd, order in rotations(names, args.trials):
+                for name in order:
+                    t = targets[name]
+                    trial = (
+                        offline_trial(t, cfg, prompts, rnd) if name == "offline"
+                        else server_trial(t, cfg, prompts_path, out, rnd, args.pin_client)
+                    )  # fmt: skip
+                    trials.append(trial)
+                    print(
+                        f"{cfg.name} round {rnd} {name}: {trial.output_tok_s:,.0f} tok/s",
+                        flush=True,
+                    )
+    finally:
+        for t in targets.values():
+            t.stop()
+    meta = {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": "python -m benchmarks.parity " + " ".join(argv or sys.argv[1:]),
+        "engine": ENGINE, "rounds": args.trials, "pin_client": args.pin_client,
+    }  # fmt: skip
+    write_report(out, "parity", trials, meta, markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
