@@ -300,3 +300,21 @@ def test_closed_probes(demo_tokenizer):
         url = f"http://127.0.0.1:{port}"
         assert httpx.get(url + "/metrics").status_code == 401
         assert httpx.get(url + "/health", headers={"Authorization": "Bearer k"}).status_code == 200
+
+
+def test_the_start_up_heap_is_frozen_while_serving(demo_tokenizer):
+    # Fake engine, real lifespan: what start-up allocated is kept out of the
+    # GC's walks while the server runs, and handed back at shutdown.
+    import gc
+
+    gc.unfreeze()
+    app, _, _ = make_server(demo_tokenizer)
+    port = free_port()
+    with serve_in_thread(app, port):
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 10
+        while httpx.get(url + "/ready").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert gc.get_freeze_count() > 0
+    assert gc.get_freeze_count() == 0
