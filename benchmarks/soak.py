@@ -37,6 +37,7 @@ from benchmarks.server_metrics import gauges_of, parse
 
 MIB = 1 << 20
 IDLE_TIMEOUT_S = 10.0
+IDLE_POLL_S = 0.1
 LATENCY_KEYS = (
     "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms", "median_e2el_ms",
     "p99_e2el_ms",
@@ -115,6 +116,7 @@ def wait_idle(url: str) -> tuple[dict[str, float], float]:
         idle = not g.get("requests_running") and not g.get("requests_waiting")
         if idle or time.monotonic() - t0 > IDLE_TIMEOUT_S:
             return g, time.monotonic() - t0
+        time.sleep(IDLE_POLL_S)  # not a busy loop against the server being measured
 
 
 def soak(server: ServerProcess, out: Path, args: argparse.Namespace) -> dict[str, Any]:
