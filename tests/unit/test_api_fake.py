@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 
@@ -22,10 +23,9 @@ def make_server(tokenizer, *, step_delay=0.0, load_delay=0.0, **server_settings)
     return app, engine, fatal
 
 
-@pytest.fixture(scope="module")
-def fake(demo_tokenizer):
-    app, engine, _ = make_server(demo_tokenizer, step_delay=0.002, request_timeout_s=2.0,
-                                     max_body_bytes=64 * 1024)  # fmt: skip
+@contextlib.contextmanager
+def serving(app):
+    """The app on a free port in a thread, once /ready answers 200; yields its URL."""
     port = free_port()
     with serve_in_thread(app, port):
         url = f"http://127.0.0.1:{port}"
@@ -33,6 +33,14 @@ def fake(demo_tokenizer):
         while httpx.get(url + "/ready").status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.05)
+        yield url
+
+
+@pytest.fixture(scope="module")
+def fake(demo_tokenizer):
+    app, engine, _ = make_server(demo_tokenizer, step_delay=0.002, request_timeout_s=2.0,
+                                     max_body_bytes=64 * 1024)  # fmt: skip
+    with serving(app) as url:
         yield url, engine, app
 
 
@@ -194,11 +202,7 @@ def test_non_streaming_disconnect_aborts(fake):
 
 def test_timeout_aborts_with_504(demo_tokenizer):
     app, engine, _ = make_server(demo_tokenizer, step_delay=0.05, request_timeout_s=0.3)
-    port = free_port()
-    with serve_in_thread(app, port):
-        url = f"http://127.0.0.1:{port}"
-        while httpx.get(url + "/ready").status_code != 200:
-            time.sleep(0.05)
+    with serving(app) as url:
         err = assert_openai_error(
             post(url, "/v1/completions", {"prompt": "x", "max_tokens": 200}), 504
         )
@@ -236,11 +240,7 @@ def test_draining_refuses_new_work(fake):
 
 def test_engine_death(demo_tokenizer):
     app, engine, fatal = make_server(demo_tokenizer, step_delay=0.05)
-    port = free_port()
-    with serve_in_thread(app, port):
-        url = f"http://127.0.0.1:{port}"
-        while httpx.get(url + "/ready").status_code != 200:
-            time.sleep(0.05)
+    with serving(app) as url:
         body = {"prompt": "x", "max_tokens": 100, "stream": True}
         with httpx.stream("POST", url + "/v1/completions", json=body) as r:
             lines = r.iter_lines()
@@ -269,11 +269,7 @@ def test_metrics_count_requests_by_status(fake):
 
 def test_api_keys_gate_the_api_not_the_probes(demo_tokenizer, tmp_path, caplog):
     app, _, _ = make_server(demo_tokenizer, api_keys="sk-good-key", access_log=True)
-    port = free_port()
-    with serve_in_thread(app, port):
-        url = f"http://127.0.0.1:{port}"
-        while httpx.get(url + "/ready").status_code != 200:
-            time.sleep(0.05)
+    with serving(app) as url:
         r = post(url, "/v1/completions", {"prompt": "x", "max_tokens": 1})
         err = assert_openai_error(r, 401, fragment="Missing API key")
         assert err["type"] == "authentication_error" and r.headers["www-authenticate"]
@@ -309,12 +305,6 @@ def test_the_start_up_heap_is_frozen_while_serving(demo_tokenizer):
 
     gc.unfreeze()
     app, _, _ = make_server(demo_tokenizer)
-    port = free_port()
-    with serve_in_thread(app, port):
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 10
-        while httpx.get(url + "/ready").status_code != 200:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with serving(app):
         assert gc.get_freeze_count() > 0
     assert gc.get_freeze_count() == 0
