@@ -16,8 +16,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 ENV_PREFIX = "CODELLAMA_SERVE_"
-DEMO_MODEL = "demo"
+DEMO_MODEL = "demo"  # what `--model` says for the embedded demo model
+DEMO_MODEL_NAME = "codellama-serve-demo"  # the name clients see for it
 REAL_MODEL = "codellama/CodeLlama-13b-Instruct-hf"
+DEMO_MAX_MODEL_LEN = 2048
+CODELLAMA_MAX_MODEL_LEN = 16384
 
 
 class Section(BaseModel):

@@ -27,7 +27,6 @@ import platformdirs
 
 log = logging.getLogger(__name__)
 
-DEMO_MODEL_NAME = "codellama-serve-demo"
 INFILL_PIECES = ("▁<PRE>", "▁<SUF>", "▁<MID>", "▁<EOT>")  # Code Llama's order
 BUILD_FORMAT = 1  # bump when the build recipe changes
 

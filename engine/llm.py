@@ -15,12 +15,16 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.config import DEMO_MODEL, REAL_MODEL, EngineConfig
+from engine.config import (
+    CODELLAMA_MAX_MODEL_LEN,
+    DEMO_MAX_MODEL_LEN,
+    DEMO_MODEL,
+    REAL_MODEL,
+    EngineConfig,
+)
 
 log = logging.getLogger(__name__)
 
-DEMO_MAX_MODEL_LEN = 2048
-CODELLAMA_MAX_MODEL_LEN = 16384
 GIB = 1 << 30
 
 
@@ -252,7 +256,8 @@ class Engine:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from engine.demo_model import DEMO_MODEL_NAME, ensure_demo_model
+        from engine.config import DEMO_MODEL_NAME
+        from engine.demo_model import ensure_demo_model
 
         gpu = has_gpu() if self.gpu is None else self.gpu
         name = resolve_model_name(self.cfg, gpu)
