@@ -42,16 +42,17 @@ demo-model: $(STAMP)
 serve: setup
 	$(BIN)/codellama-serve serve --host $(HOST) --port $(PORT) $(ARGS)
 
-test: setup
-	$(BIN)/ruff check .
+test: setup lint
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-unit: setup
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
 
+# ruff (lint, format, complexity) and mypy over engine/ and benchmarks/; `make test` runs it.
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format .

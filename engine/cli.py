@@ -10,7 +10,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic.fields import FieldInfo
 
-from engine.config import ConfigError, build_settings, env_var, load_yaml, sections
+from engine.config import ConfigError, Settings, build_settings, env_var, load_yaml, sections
 from engine.logs import configure_logging
 
 DESCRIPTION = """\
@@ -24,7 +24,7 @@ Examples:
   codellama-serve serve                          # the embedded demo model on CPU
   codellama-serve serve --model codellama/CodeLlama-13b-Instruct-hf \\
       --tensor-parallel-size 2 --max-model-len 16384
-  codellama-serve serve --config deploy/ray/codellama.yaml --port 9000
+  codellama-serve serve --config settings.yaml --port 9000   # sections as in --help
 """
 
 
@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from_args(args: argparse.Namespace) -> Any:
+def settings_from_args(args: argparse.Namespace) -> Settings:
     import os
 
     config_file = args.config or os.environ.get("CODELLAMA_SERVE_CONFIG")
@@ -142,16 +142,17 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(serve_config(settings), sort_keys=False), end="")
         return 0
     configure_logging(settings.server.log_level)
-    from engine.llm import configure_vllm_logging
+    from engine.llm import configure_vllm_logging, has_gpu
 
     configure_vllm_logging(settings.server.log_level)
     if args.ray:
         from engine.ray_serve import serve_with_ray
 
         return serve_with_ray(settings)
+    from engine.config import resolve
     from engine.server import serve
 
-    return serve(settings)
+    return serve(resolve(settings, gpu=has_gpu(), mode="standalone"))
 
 
 def _demo_model(rebuild: bool) -> int:

@@ -107,7 +107,7 @@ class CodeLlamaPrompts:
         ids = self._encode_plain(SENTINEL + text)
         n = len(self._sentinel_ids)
         if ids[:n] != self._sentinel_ids:  # pragma: no cover - checked in __init__
-            raise PromptError("text could not be tokenized", None)
+            raise PromptError("text could not be tokenized", "prompt")
         return ids[n:]
 
     def encode(self, text: str) -> list[int]:
@@ -136,18 +136,12 @@ class CodeLlamaPrompts:
 
     def infill(self, prefix: str, suffix: str, suffix_first: bool = False) -> list[int]:
         """Fill-in-the-middle, prefix-suffix-middle or suffix-prefix-middle."""
-        i = self.ids
-        if not i.has_infill:
+        bos, pre, suf, mid = self.ids.bos, self.ids.prefix, self.ids.suffix, self.ids.middle
+        if pre is None or suf is None or mid is None:
             raise PromptError("this model's tokenizer has no infilling tokens", "suffix")
         if suffix_first:
-            return [
-                i.bos, i.prefix, i.suffix, *self.encode_infilling(suffix),
-                i.middle, *self.encode(prefix),
-            ]  # fmt: skip
-        return [
-            i.bos, i.prefix, *self.encode(prefix),
-            i.suffix, *self.encode_infilling(suffix), i.middle,
-        ]  # fmt: skip
+            return [bos, pre, suf, *self.encode_infilling(suffix), mid, *self.encode(prefix)]
+        return [bos, pre, *self.encode(prefix), suf, *self.encode_infilling(suffix), mid]
 
     @staticmethod
     def _check_dialog(messages: Sequence[ChatMessage]) -> list[ChatMessage]:

@@ -9,6 +9,7 @@ Engine flags keep vLLM's names so that vLLM users feel at home.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +22,11 @@ DEMO_MODEL_NAME = "codellama-serve-demo"  # the name clients see for it
 REAL_MODEL = "codellama/CodeLlama-13b-Instruct-hf"
 DEMO_MAX_MODEL_LEN = 2048
 CODELLAMA_MAX_MODEL_LEN = 16384
+# Through Ray's proxy every streamed write is a message between actors (~0.35 ms of CPU
+# each, docs/performance.md); a local socket write is cheap.
+RAY_STREAM_COALESCE_MS = 100.0
+
+Mode = Literal["standalone", "ray"]
 
 
 class Section(BaseModel):
@@ -78,10 +84,6 @@ class EngineConfig(Section):
     distributed_executor_backend: Literal["mp", "ray"] | None = Field(
         None, description="How tensor-parallel workers run: 'mp' or 'ray' (default: vLLM's choice)."
     )
-
-    @property
-    def is_demo(self) -> bool:
-        return self.model == DEMO_MODEL
 
 
 class ModelFeaturesConfig(Section):
@@ -270,7 +272,12 @@ class Settings(Section):
 
 def sections() -> dict[str, type[Section]]:
     """Section name -> model class, in the order `--help` shows them."""
-    return {name: f.annotation for name, f in Settings.model_fields.items()}  # type: ignore[misc]
+    out: dict[str, type[Section]] = {}
+    for name, f in Settings.model_fields.items():
+        model = f.annotation
+        assert isinstance(model, type) and issubclass(model, Section)
+        out[name] = model
+    return out
 
 
 def _check_flat_names_unique() -> None:
@@ -304,7 +311,7 @@ class ConfigError(ValueError):
 
 def build_settings(
     file_values: dict[str, Any] | None = None,
-    env: dict[str, str] | None = None,
+    env: Mapping[str, str] | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> Settings:
     """Merge defaults < file < env < overrides (flat field names) into Settings."""
@@ -349,3 +356,125 @@ def _describe(error: ValidationError) -> str:
         else:
             lines.append(f"--{name.replace('_', '-')} ({env_var(name)}): {e['msg']}")
     return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+# ---------------------------------------------------------------- resolution
+
+
+class ResolvedSettings(BaseModel):
+    """The settings with every default worked out, for one mode on one kind of machine.
+
+    What a setting means when left unset (the model, its context window, the dtype,
+    frame coalescing, the executor, Ray's routing bounds) is decided here and only
+    here; every mode reads this object.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    settings: Settings
+    gpu: bool
+    mode: Mode
+
+    @property
+    def engine(self) -> EngineConfig:
+        return self.settings.engine
+
+    @property
+    def features(self) -> ModelFeaturesConfig:
+        return self.settings.features
+
+    @property
+    def server(self) -> ServerConfig:
+        return self.settings.server
+
+    @property
+    def auth(self) -> AuthConfig:
+        return self.settings.auth
+
+    @property
+    def admission(self) -> AdmissionConfig:
+        return self.settings.admission
+
+    @property
+    def ray(self) -> RayConfig:
+        return self.settings.ray
+
+    @property
+    def model(self) -> str:
+        """The model to load: a hub name, a path, or 'demo' (set once resolved)."""
+        assert self.engine.model is not None
+        return self.engine.model
+
+    @property
+    def served_model_name(self) -> str:
+        """The name clients send in `model` (set once resolved)."""
+        assert self.engine.served_model_name is not None
+        return self.engine.served_model_name
+
+    @property
+    def is_demo(self) -> bool:
+        return self.model == DEMO_MODEL
+
+    @property
+    def stream_coalesce_s(self) -> float:
+        """How long a stream's frames may be held to go together (0: never)."""
+        assert self.server.stream_coalesce_ms is not None
+        return self.server.stream_coalesce_ms / 1000
+
+    @property
+    def max_admitted_sequences(self) -> int:
+        """Sequences admitted at once: the engine's batch plus the waiting queue."""
+        return self.engine.max_num_seqs + self.admission.max_waiting_requests
+
+
+def resolve(settings: Settings, *, gpu: bool, mode: Mode = "standalone") -> ResolvedSettings:
+    """Work out every default of `settings` (pure: same input, same output).
+
+    `gpu`: whether the engine gets GPUs (standalone: the machine has one; Ray: the
+    replicas are given some). Resolving resolved settings changes nothing.
+    """
+    e, a, s, r = settings.engine, settings.admission, settings.server, settings.ray
+    model = e.model or (REAL_MODEL if gpu else DEMO_MODEL)
+    demo = model == DEMO_MODEL
+    engine = e.model_copy(
+        update={
+            "model": model,
+            "served_model_name": e.served_model_name or (DEMO_MODEL_NAME if demo else model),
+            "max_model_len": e.max_model_len
+            or (DEMO_MAX_MODEL_LEN if demo else CODELLAMA_MAX_MODEL_LEN),
+            # vLLM's "auto" runs the float32 demo checkpoint in bfloat16, ~2.5x slower
+            # on CPUs without AMX (oneDNN falls back).
+            "dtype": "float32" if demo and e.dtype == "auto" else e.dtype,
+            # No CUDA graphs without CUDA.
+            "enforce_eager": e.enforce_eager or not gpu,
+            # In Ray, tensor-parallel workers go in the replica's placement group;
+            # on CPU the engine runs in the replica's child processes.
+            "distributed_executor_backend": e.distributed_executor_backend
+            or (("ray" if gpu else "mp") if mode == "ray" else None),
+        }
+    )
+    coalesce = s.stream_coalesce_ms
+    server = s.model_copy(
+        update={
+            "stream_coalesce_ms": coalesce
+            if coalesce is not None
+            else (RAY_STREAM_COALESCE_MS if mode == "ray" else 0.0)
+        }
+    )
+    target = r.target_ongoing_requests
+    ongoing = r.max_ongoing_requests
+    ray = r.model_copy(
+        update={
+            "ray_use_gpu": gpu if mode == "ray" else r.ray_use_gpu,
+            # Ray's default target (2) would scale an LLM replica out long before its
+            # batch fills: aim a little below the batch.
+            "target_ongoing_requests": target
+            if target is not None
+            else max(1.0, round(0.8 * e.max_num_seqs, 1)),
+            "max_ongoing_requests": ongoing
+            if ongoing is not None
+            else e.max_num_seqs + a.max_waiting_requests,
+        }
+    )
+    resolved = settings.model_copy(update={"engine": engine, "server": server, "ray": ray})
+    return ResolvedSettings(settings=resolved, gpu=gpu, mode=mode)

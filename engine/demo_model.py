@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import platformdirs
 
@@ -226,7 +227,7 @@ def _build_weights(out_dir: Path, corpus: str, spec: DemoModelSpec, sp_bytes: by
         model.save_pretrained(out_dir, safe_serialization=True)
 
 
-def _train(model, sp, corpus: str, spec: DemoModelSpec, torch) -> None:
+def _train(model: Any, sp: Any, corpus: str, spec: DemoModelSpec, torch: Any) -> None:
     """A short next-token training pass so generations look like Python."""
     # Each top-level block is a document: BOS text EOS, so the model also
     # learns to stop.

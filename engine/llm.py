@@ -15,13 +15,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from engine.config import (
-    CODELLAMA_MAX_MODEL_LEN,
-    DEMO_MAX_MODEL_LEN,
-    DEMO_MODEL,
-    REAL_MODEL,
-    EngineConfig,
-)
+from engine.config import ResolvedSettings
 
 log = logging.getLogger(__name__)
 
@@ -136,35 +130,25 @@ def has_gpu() -> bool:
     return current_platform.is_cuda_alike()
 
 
-def resolve_model_name(cfg: EngineConfig, gpu: bool | None = None) -> str:
-    """The model to load: the configured one, else Code Llama 13B on GPU, demo on CPU."""
-    if cfg.model:
-        return cfg.model
-    return REAL_MODEL if (has_gpu() if gpu is None else gpu) else DEMO_MODEL
-
-
-def engine_args(cfg: EngineConfig, model_path: str, gpu: bool) -> Any:
-    """Build vLLM's AsyncEngineArgs from our config (pure; unit-tested)."""
+def engine_args(settings: ResolvedSettings, model_path: str) -> Any:
+    """Build vLLM's AsyncEngineArgs from the resolved settings (pure; unit-tested)."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    is_demo = cfg.model in (None, DEMO_MODEL) and not gpu
-    max_model_len = cfg.max_model_len or (
-        DEMO_MAX_MODEL_LEN if is_demo else CODELLAMA_MAX_MODEL_LEN
-    )
+    cfg = settings.engine
     kwargs: dict[str, Any] = dict(
         model=model_path,
         tokenizer=cfg.tokenizer,
         revision=cfg.revision,
         download_dir=cfg.download_dir,
-        # vLLM's "auto" runs a float32 checkpoint in bfloat16 on CPU, which is
-        # ~2.5x slower here than float32 (no AMX: oneDNN falls back).
-        dtype="float32" if is_demo and cfg.dtype == "auto" else cfg.dtype,
+        served_model_name=cfg.served_model_name,
+        dtype=cfg.dtype,
         tensor_parallel_size=cfg.tensor_parallel_size,
-        max_model_len=max_model_len,
+        max_model_len=cfg.max_model_len,
         max_num_seqs=cfg.max_num_seqs,
         max_num_batched_tokens=cfg.max_num_batched_tokens,
         enable_prefix_caching=cfg.enable_prefix_caching,
         enable_chunked_prefill=cfg.enable_chunked_prefill,
+        enforce_eager=cfg.enforce_eager,
         seed=cfg.seed,
         max_logprobs=cfg.max_logprobs,
         distributed_executor_backend=cfg.distributed_executor_backend,
@@ -174,19 +158,15 @@ def engine_args(cfg: EngineConfig, model_path: str, gpu: bool) -> Any:
         # series) are off; ours gets the scheduler stats (see _StatsLogger).
         disable_log_stats=True,
     )
-    if cfg.served_model_name:
-        kwargs["served_model_name"] = cfg.served_model_name
-    if gpu:
+    if settings.gpu:
         kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
-        kwargs["enforce_eager"] = cfg.enforce_eager
     else:
-        # No CUDA graphs on CPU; the KV cache is sized in bytes, not as a share.
-        kwargs["enforce_eager"] = True
+        # The KV cache is sized in bytes on CPU, not as a share of device memory.
         kwargs["kv_cache_memory_bytes"] = int(cfg.cpu_kvcache_space_gib * GIB)
     return AsyncEngineArgs(**kwargs)
 
 
-def _stats_logger_factory(sink: EngineStats):
+def _stats_logger_factory(sink: EngineStats) -> type[Any]:
     from vllm.v1.metrics.loggers import PrometheusStatLogger
 
     class _StatsLogger(PrometheusStatLogger):
@@ -231,10 +211,8 @@ def _stats_logger_factory(sink: EngineStats):
 class Engine:
     """One vLLM AsyncLLM and what the server needs from it."""
 
-    def __init__(self, cfg: EngineConfig, gpu: bool | None = None) -> None:
-        """`gpu`: None detects; Ray replicas say, as their actor may see no GPU itself."""
-        self.cfg = cfg
-        self.gpu = gpu
+    def __init__(self, settings: ResolvedSettings) -> None:
+        self.settings = settings
         self.stats = EngineStats()
         self.info: ModelInfo | None = None
         self._llm: Any = None
@@ -256,17 +234,13 @@ class Engine:
         from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from engine.config import DEMO_MODEL_NAME
         from engine.demo_model import ensure_demo_model
 
-        gpu = has_gpu() if self.gpu is None else self.gpu
-        name = resolve_model_name(self.cfg, gpu)
-        is_demo = name == DEMO_MODEL
-        path = str(ensure_demo_model()) if is_demo else name
-        served = self.cfg.served_model_name or (DEMO_MODEL_NAME if is_demo else name)
-        cfg = self.cfg.model_copy(update={"model": name, "served_model_name": served})
-        args = engine_args(cfg, path, gpu)
-        log.info("starting vLLM engine for %s (%s)", name, "GPU" if gpu else "CPU")
+        settings = self.settings
+        name = settings.model
+        path = str(ensure_demo_model()) if settings.is_demo else name
+        args = engine_args(settings, path)
+        log.info("starting vLLM engine for %s (%s)", name, "GPU" if settings.gpu else "CPU")
         started = time.monotonic()
         self._llm = AsyncLLM.from_engine_args(
             args,
@@ -279,8 +253,8 @@ class Engine:
         self.info = ModelInfo(
             name=name,
             path=path,
-            served_name=served,
-            is_demo=is_demo,
+            served_name=settings.served_model_name,
+            is_demo=settings.is_demo,
             max_model_len=model_config.max_model_len,
             hidden_size=int(getattr(hf, "hidden_size", 0)),
             vocab_size=int(getattr(hf, "vocab_size", 0)),
@@ -318,9 +292,6 @@ class Engine:
                 await self._llm.check_health()
             except Exception as e:
                 raise EngineDeadError(str(e)) from e
-
-    def num_unfinished_requests(self) -> int:
-        return 0 if self._llm is None else self._llm.get_num_unfinished_requests()
 
     # -- requests
 

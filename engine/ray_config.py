@@ -1,16 +1,16 @@
-"""Cluster-mode configuration derived from the one Settings: the Ray Serve
+"""Cluster-mode configuration derived from the settings: the Ray Serve
 deployment options (placement, autoscaling, health) and the serve config file
 that `serve deploy` and KubeRay's `serveConfigV2` take.
 
-Pure functions, no Ray import: the Helm chart tests and `codellama-serve
-ray-config` use them without a cluster.
+Pure functions, no Ray import: the Helm chart tests and `codellama-serve serve
+--print-serve-config` use them without a cluster.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from engine.config import DEMO_MODEL, REAL_MODEL, Settings
+from engine.config import ResolvedSettings, Settings
 
 IMPORT_PATH = "engine.ray_serve:build_app"
 AUTOSCALING_POLICY = "engine.ray_autoscaling:CodeLlamaAutoscalingPolicy"
@@ -20,7 +20,7 @@ ACCELERATOR_RESOURCE = "accelerator_type:{}"
 ACCELERATOR_FRACTION = 0.001
 
 
-def placement(settings: Settings, gpu: bool) -> dict[str, Any]:
+def placement(settings: ResolvedSettings) -> dict[str, Any]:
     """One replica's resources: a placement group holding the replica and its
     tensor-parallel workers, packed on one node.
 
@@ -29,60 +29,37 @@ def placement(settings: Settings, gpu: bool) -> dict[str, Any]:
     CPU: one CPU bundle; vLLM runs its engine in child processes of the replica.
     """
     e, r = settings.engine, settings.ray
-    if not gpu:
-        return {
-            "ray_actor_options": {"num_cpus": r.replica_num_cpus},
-            "placement_group_bundles": [{"CPU": r.replica_num_cpus}],
-            "placement_group_strategy": "STRICT_PACK",
-            "distributed_executor_backend": "mp",
-        }
-    gpu_bundle: dict[str, float] = {"GPU": 1}
-    if r.accelerator_type:
-        gpu_bundle[ACCELERATOR_RESOURCE.format(r.accelerator_type)] = ACCELERATOR_FRACTION
-    bundles = [{"CPU": r.replica_num_cpus, **gpu_bundle}] + [
-        dict(gpu_bundle) for _ in range(e.tensor_parallel_size - 1)
-    ]
+    actor = {"num_cpus": r.replica_num_cpus}
+    if not settings.gpu:
+        bundles: list[dict[str, float]] = [{"CPU": r.replica_num_cpus}]
+    else:
+        gpu_bundle: dict[str, float] = {"GPU": 1}
+        if r.accelerator_type:
+            gpu_bundle[ACCELERATOR_RESOURCE.format(r.accelerator_type)] = ACCELERATOR_FRACTION
+        bundles = [{"CPU": r.replica_num_cpus, **gpu_bundle}] + [
+            dict(gpu_bundle) for _ in range(e.tensor_parallel_size - 1)
+        ]
     return {
-        "ray_actor_options": {"num_cpus": r.replica_num_cpus},
+        "ray_actor_options": actor,
         "placement_group_bundles": bundles,
         "placement_group_strategy": "STRICT_PACK",
-        "distributed_executor_backend": "ray",
     }
 
 
-def target_ongoing_requests(settings: Settings) -> float:
-    """Per-replica load the autoscaler aims for: 80% of the engine's batch.
-
-    Ray Serve's default (2) would scale an LLM replica out long before its batch
-    fills; Ray's LLM app defaults so high that replicas never scale up. A
-    replica serves `max_num_seqs` sequences in one batch, so aim a little below.
-    """
-    if settings.ray.target_ongoing_requests is not None:
-        return settings.ray.target_ongoing_requests
-    return max(1.0, round(0.8 * settings.engine.max_num_seqs, 1))
-
-
-def max_ongoing_requests(settings: Settings) -> int:
-    """Requests Ray routes to one replica at once: its batch plus its waiting queue."""
-    if settings.ray.max_ongoing_requests is not None:
-        return settings.ray.max_ongoing_requests
-    return settings.engine.max_num_seqs + settings.admission.max_waiting_requests
-
-
-def autoscaling_config(settings: Settings) -> dict[str, Any]:
+def autoscaling_config(settings: ResolvedSettings) -> dict[str, Any]:
     r = settings.ray
     return {
         "min_replicas": r.min_replicas,
         "initial_replicas": r.initial_replicas,
         "max_replicas": r.max_replicas,
-        "target_ongoing_requests": target_ongoing_requests(settings),
+        "target_ongoing_requests": r.target_ongoing_requests,
         "upscale_delay_s": r.upscale_delay_s,
         "downscale_delay_s": r.downscale_delay_s,
         "look_back_period_s": r.autoscaling_look_back_s,
         "policy": {
             "policy_function": AUTOSCALING_POLICY,
             "policy_kwargs": {
-                "target_ongoing_requests": target_ongoing_requests(settings),
+                "target_ongoing_requests": r.target_ongoing_requests,
                 "target_waiting_per_replica": r.target_waiting_per_replica,
                 "kv_cache_scale_up_threshold": r.kv_cache_scale_up_threshold,
             },
@@ -90,17 +67,14 @@ def autoscaling_config(settings: Settings) -> dict[str, Any]:
     }
 
 
-def deployment_options(settings: Settings, gpu: bool) -> dict[str, Any]:
+def deployment_options(settings: ResolvedSettings) -> dict[str, Any]:
     """Keyword arguments for `serve.deployment(...).options(...)`."""
-    p = placement(settings, gpu)
     r = settings.ray
     return {
         "name": DEPLOYMENT_NAME,
         "autoscaling_config": autoscaling_config(settings),
-        "max_ongoing_requests": max_ongoing_requests(settings),
-        "ray_actor_options": p["ray_actor_options"],
-        "placement_group_bundles": p["placement_group_bundles"],
-        "placement_group_strategy": p["placement_group_strategy"],
+        "max_ongoing_requests": r.max_ongoing_requests,
+        **placement(settings),
         "health_check_period_s": r.health_check_period_s,
         "health_check_timeout_s": r.health_check_timeout_s,
         # In-flight requests get the drain timeout to finish on scale-down.
@@ -131,12 +105,3 @@ def serve_config(settings: Settings) -> dict[str, Any]:
             }
         ],
     }
-
-
-def cluster_defaults(settings: Settings) -> Settings:
-    """A cluster runs Code Llama 13B Instruct unless told otherwise."""
-    if settings.engine.model in (None, DEMO_MODEL):
-        return settings.model_copy(
-            update={"engine": settings.engine.model_copy(update={"model": REAL_MODEL})}
-        )
-    return settings

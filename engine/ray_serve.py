@@ -15,24 +15,29 @@ Ray when its engine has died.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import threading
 import time
+from http import HTTPStatus
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 
-from engine.config import DEMO_MODEL, REAL_MODEL, Settings, build_settings
-from engine.ray_config import DEPLOYMENT_NAME, deployment_options, placement, settings_args
+from engine.api.health import ENGINE_HEALTH_TIMEOUT_S, liveness, readiness
+from engine.api.state import ServerState
+from engine.config import DEMO_MODEL, Settings, build_settings, resolve
+from engine.ray_config import DEPLOYMENT_NAME, deployment_options, settings_args
 
 log = logging.getLogger("engine.ray")
 
 
 def use_gpu(settings: Settings) -> bool:
-    """Replicas get GPUs unless told otherwise or serving the demo model."""
+    """Replicas get GPUs unless told otherwise or serving the demo model (or, with
+    no model set, if the cluster has GPUs)."""
     if settings.ray.ray_use_gpu is not None:
         return settings.ray.ray_use_gpu
     if settings.engine.model:
@@ -42,33 +47,22 @@ def use_gpu(settings: Settings) -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
-def resolve(settings: Settings) -> tuple[Settings, bool]:
-    """Fix the model and executor so every replica builds the same engine."""
-    gpu = use_gpu(settings)
-    engine = settings.engine.model_copy(
-        update={
-            "model": settings.engine.model or (REAL_MODEL if gpu else DEMO_MODEL),
-            "distributed_executor_backend": settings.engine.distributed_executor_backend
-            or placement(settings, gpu)["distributed_executor_backend"],
-        }
-    )
-    return settings.model_copy(update={"engine": engine}), gpu
-
-
 @serve.ingress()
 class CodeLlamaServer:
     """One replica: one engine, the standalone app in front of it."""
 
-    async def __init__(self, settings_data: dict[str, Any], gpu: bool) -> None:
+    # Ray Serve awaits an async constructor; mypy wants __init__ to return None.
+    async def __init__(self, settings_data: dict[str, Any], gpu: bool) -> None:  # type: ignore[misc]
         from engine.api.app import create_app
         from engine.llm import Engine, configure_vllm_logging
         from engine.logs import configure_logging
 
-        self.settings = build_settings(file_values=settings_data)
+        # The driver resolved the same settings with the same `gpu` (see build_app).
+        self.settings = resolve(build_settings(file_values=settings_data), gpu=gpu, mode="ray")
         configure_logging(self.settings.server.log_level)
         configure_vllm_logging(self.settings.server.log_level)
         self.replica_id = _replica_tag()
-        self.engine = Engine(self.settings.engine, gpu=gpu)
+        self.engine = Engine(self.settings)
         # Load before reporting ready, so Ray routes nothing to a loading replica.
         started = time.monotonic()
         await asyncio.to_thread(self.engine.start)
@@ -119,28 +113,37 @@ class CodeLlamaServer:
         if port is None:
             return
         try:
-            serve_replica_ops(port, self.state)
+            serve_replica_ops(port, self.state, asyncio.get_running_loop())
         except OSError as e:  # another replica on this node took it
             log.warning("replica %s: port %d unavailable (%s)", self.replica_id, port, e)
 
 
-def serve_replica_ops(port: int, state: Any) -> None:
-    """/metrics, /health and /ready of one replica, on a daemon thread."""
+def serve_replica_ops(port: int, state: ServerState, loop: asyncio.AbstractEventLoop) -> None:
+    """/metrics, /health and /ready of one replica, on a daemon thread; the answers are the
+    app's own (`engine.api.health`), the engine's health checked on the replica's `loop`."""
     from socketserver import ThreadingMixIn
     from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-    from prometheus_client import make_wsgi_app
-
-    metrics_app = make_wsgi_app(state.metrics.registry)
-
     def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
         path = environ.get("PATH_INFO", "")
-        if path in ("/health", "/ready"):
-            ok = not state.engine.dead if path == "/health" else state.accepting
-            start_response("200 OK" if ok else "503 Service Unavailable",
-                           [("Content-Type", "text/plain")])  # fmt: skip
-            return [b"ok\n" if ok else b"unavailable\n"]
-        return metrics_app(environ, start_response)
+        if path == "/metrics":
+            body, content_type = state.metrics.render()
+            start_response("200 OK", [("Content-Type", content_type)])
+            return [body]
+        if path == "/health":
+            probe = asyncio.run_coroutine_threadsafe(liveness(state), loop).result(
+                ENGINE_HEALTH_TIMEOUT_S + 1
+            )
+        elif path == "/ready":
+            probe = readiness(state)
+        else:
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found\n"]
+        start_response(
+            f"{probe.status} {HTTPStatus(probe.status).phrase}",
+            [("Content-Type", "application/json")],
+        )
+        return [json.dumps(probe.body).encode()]
 
     class Server(ThreadingMixIn, WSGIServer):
         daemon_threads = True
@@ -167,9 +170,12 @@ def build_app(args: dict[str, Any]) -> Application:
         import json
 
         raw = json.loads(raw)
-    settings, gpu = resolve(build_settings(file_values=raw))
-    deployment = serve.deployment(CodeLlamaServer).options(**deployment_options(settings, gpu))
-    return deployment.bind(settings_args(settings), gpu)
+    settings = build_settings(file_values=raw)
+    resolved = resolve(settings, gpu=use_gpu(settings), mode="ray")
+    deployment = serve.deployment(CodeLlamaServer).options(**deployment_options(resolved))
+    # Replicas get what was set, not the resolved values: they resolve it again with the
+    # same function and `gpu` (their env supplies the API keys, never sent as args).
+    return deployment.bind(settings_args(settings), resolved.gpu)
 
 
 # ---------------------------------------------------------------- `serve --ray`

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from types import FrameType
 
 import uvicorn
 
 from engine.api.app import create_app
 from engine.api.state import ServerState
-from engine.config import Settings
+from engine.config import ResolvedSettings
 
 log = logging.getLogger("engine.server")
 
@@ -27,7 +28,7 @@ class DrainingServer(uvicorn.Server):
         self._drain_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def serve(self, sockets=None) -> None:  # type: ignore[no-untyped-def]
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
 
@@ -63,7 +64,7 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: ResolvedSettings) -> int:
     """Run the server until it is stopped; the process exit status."""
     holder: dict[str, DrainingServer] = {}
     app = create_app(settings, on_fatal=lambda: holder["server"].request_exit())

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from engine.api.auth import ApiKey
 from engine.api.errors import APIError
-from engine.config import Settings
+from engine.config import ResolvedSettings
 from engine.metrics import Metrics
 
 
@@ -114,9 +114,9 @@ class Admission:
     """Admitted sequences may fill the engine's batch plus `max_waiting_requests`;
     prompt tokens waiting for prefill are bounded by `max_waiting_prompt_tokens`."""
 
-    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, settings: ResolvedSettings, metrics: Metrics) -> None:
         self.batch = settings.engine.max_num_seqs
-        self.max_sequences = settings.engine.max_num_seqs + settings.admission.max_waiting_requests
+        self.max_sequences = settings.max_admitted_sequences
         self.max_prompt_tokens = settings.admission.max_waiting_prompt_tokens
         self.retry_after = settings.admission.retry_after_s
         self.metrics = metrics

@@ -8,23 +8,25 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
-from engine.api.chat import create_chat_completion
-from engine.api.completions import create_completion
+from engine.api.chat import Chat
+from engine.api.completions import Completions
+from engine.api.disconnect import ClientDisconnected
 from engine.api.errors import APIError, install_error_handlers, model_loading
 from engine.api.gate import GateMiddleware
-from engine.api.generation import ClientDisconnected
+from engine.api.health import liveness, readiness
 from engine.api.middleware import RequestContextMiddleware
+from engine.api.orchestrator import serve_generation
 from engine.api.schemas import ChatCompletionRequest, CompletionRequest
 from engine.api.state import EngineLike, ServerState
 from engine.api.streaming import CLIENT_CLOSED
-from engine.config import Settings
+from engine.config import ResolvedSettings
 
 log = logging.getLogger("engine.api")
 
@@ -41,7 +43,7 @@ def _exit_process() -> None:
 
 
 def create_app(
-    settings: Settings,
+    settings: ResolvedSettings,
     engine: EngineLike | None = None,
     on_fatal: Callable[[], None] = _exit_process,
     replica_id: str | None = None,
@@ -51,7 +53,7 @@ def create_app(
     if engine is None:
         from engine.llm import Engine
 
-        engine = Engine(settings.engine)
+        engine = Engine(settings)
     state = ServerState(settings, engine, replica_id=replica_id)
 
     @contextlib.asynccontextmanager
@@ -81,13 +83,22 @@ def create_app(
     app.add_middleware(GateMiddleware, state=state)
     app.add_middleware(RequestContextMiddleware, state=state)
 
+    _openai_routes(app, state)
+    _ops_routes(app, state)
+    return app
+
+
+COMPLETIONS, CHAT = Completions(), Chat()
+
+
+def _openai_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/completions", response_model=None, tags=["openai"])
     async def completions(request: Request, body: CompletionRequest) -> Response:
-        return await _guard(create_completion(request, body, state))
+        return await _guard(serve_generation(request, state, body, COMPLETIONS))
 
     @app.post("/v1/chat/completions", response_model=None, tags=["openai"])
     async def chat_completions(request: Request, body: ChatCompletionRequest) -> Response:
-        return await _guard(create_chat_completion(request, body, state))
+        return await _guard(serve_generation(request, state, body, CHAT))
 
     @app.get("/v1/models", tags=["openai"])
     async def models() -> Response:
@@ -104,39 +115,27 @@ def create_app(
                            code="model_not_found")  # fmt: skip
         return _json(_model_card(state))
 
+
+def _ops_routes(app: FastAPI, state: ServerState) -> None:
     @app.get("/health", tags=["ops"])
     async def health() -> Response:
         """Liveness: the process is up and its engine has not died (loading is alive)."""
-        if state.engine.dead:
-            return _json({"status": "engine_dead", "detail": state.fatal}, 503)
-        if state.engine.ready:
-            try:
-                await asyncio.wait_for(state.engine.check_health(), timeout=5)
-            except Exception as e:
-                return _json({"status": "engine_dead", "detail": str(e)}, 503)
-        return _json({"status": "ok" if state.engine.ready else "loading"})
+        probe = await liveness(state)
+        return _json(probe.body, probe.status)
 
     @app.get("/ready", tags=["ops"])
     async def ready() -> Response:
         """Readiness: the engine is loaded and this server takes new requests."""
-        if state.accepting:
-            return _json({"status": "ready", "model": state.model.served_name})
-        reason = (
-            "engine_dead" if state.engine.dead
-            else "draining" if state.draining
-            else "loading"
-        )  # fmt: skip
-        return _json({"status": reason}, 503)
+        probe = readiness(state)
+        return _json(probe.body, probe.status)
 
     @app.get("/metrics", tags=["ops"])
     async def metrics() -> Response:
         body, content_type = state.metrics.render()
         return Response(body, media_type=content_type)
 
-    return app
 
-
-async def _guard(handler: Any) -> Response:
+async def _guard(handler: Awaitable[Response]) -> Response:
     try:
         return await handler
     except ClientDisconnected:

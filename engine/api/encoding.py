@@ -23,10 +23,27 @@ def finish_json(reason: str | None) -> bytes:
     return b"null" if reason is None else b'"' + reason.encode() + b'"'
 
 
-class CompletionFrames:
-    """SSE frames of one /v1/completions stream."""
+class _Frames:
+    """What the frames of one stream share: a head encoded once, the closing usage chunk."""
 
     __slots__ = ("_head", "_usage_null")
+
+    _head: bytes  # `data: {...,"choices":[{"index":` up to the choice's index
+    _usage_null: bytes
+
+    def usage(self, usage: dict[str, int]) -> bytes:
+        return (
+            self._head[: self._head.rindex(b'[{"index":')]
+            + b'[],"usage":'
+            + _dumps(usage)
+            + b"}\n\n"
+        )
+
+
+class CompletionFrames(_Frames):
+    """SSE frames of one /v1/completions stream."""
+
+    __slots__ = ()
 
     def __init__(self, request_id: str, created: int, model: str, include_usage: bool) -> None:
         self._head = (
@@ -43,19 +60,11 @@ class CompletionFrames:
             b',"finish_reason":', finish_json(finish_reason), b"}]", self._usage_null, b"}\n\n",
         ))  # fmt: skip
 
-    def usage(self, usage: dict[str, int]) -> bytes:
-        return (
-            self._head[: self._head.rindex(b'[{"index":')]
-            + b'[],"usage":'
-            + _dumps(usage)
-            + b"}\n\n"
-        )
 
-
-class ChatFrames:
+class ChatFrames(_Frames):
     """SSE frames of one /v1/chat/completions stream."""
 
-    __slots__ = ("_head", "_usage_null")
+    __slots__ = ()
 
     def __init__(self, request_id: str, created: int, model: str, include_usage: bool) -> None:
         self._head = (
@@ -81,14 +90,6 @@ class ChatFrames:
             b',"logprobs":', b"null" if logprobs is None else _dumps(logprobs),
             b',"finish_reason":', finish_json(finish_reason), b"}]", self._usage_null, b"}\n\n",
         ))  # fmt: skip
-
-    def usage(self, usage: dict[str, int]) -> bytes:
-        return (
-            self._head[: self._head.rindex(b'[{"index":')]
-            + b'[],"usage":'
-            + _dumps(usage)
-            + b"}\n\n"
-        )
 
 
 def error_frame(error_body: dict[str, Any]) -> bytes:

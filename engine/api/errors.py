@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -9,6 +10,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+
+from engine.codellama import PromptError
+from engine.llm import EngineDeadError, EngineNotReadyError, EngineRequestError
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -94,6 +98,27 @@ def model_loading() -> APIError:
     )  # fmt: skip
 
 
+# The one mapping from the errors of the layers below (prompt formats, the engine)
+# to what the client is told: HTTP statuses and mid-stream error events alike.
+ERROR_MAP: tuple[tuple[type[Exception], Callable[[Any], APIError]], ...] = (
+    (EngineDeadError, lambda e: engine_dead()),
+    (EngineNotReadyError, lambda e: model_loading()),
+    (EngineRequestError, lambda e: bad_request(str(e))),
+    (PromptError, lambda e: bad_request(str(e), param=e.param)),
+)
+MAPPED_ERRORS: tuple[type[Exception], ...] = tuple(kind for kind, _ in ERROR_MAP)
+
+
+def api_error(exc: Exception) -> APIError:
+    """The client's view of an APIError or of one of MAPPED_ERRORS."""
+    if isinstance(exc, APIError):
+        return exc
+    for kind, make in ERROR_MAP:
+        if isinstance(exc, kind):
+            return make(exc)
+    raise TypeError(f"no API error for {type(exc).__name__}") from exc
+
+
 def describe_validation_errors(errors: list[Any]) -> tuple[str, str | None]:
     """One readable sentence (and the first offending field) from pydantic errors."""
     parts = []
@@ -114,9 +139,12 @@ _TYPE_NAMES = {"str", "int", "float", "bool", "list", "dict", "none", "function-
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError) -> Response:
-        return exc.response()
+    async def _api_error(request: Request, exc: Exception) -> Response:
+        return api_error(exc).response()
+
+    handled: tuple[type[Exception], ...] = (APIError, *MAPPED_ERRORS)
+    for kind in handled:
+        app.add_exception_handler(kind, _api_error)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:

@@ -5,27 +5,21 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from engine.api.auth import ANONYMOUS, bearer_token
 from engine.api.errors import APIError, draining
+from engine.api.middleware import HTTPMiddleware
 
 if TYPE_CHECKING:
-    from engine.api.state import ServerState
+    pass
 
 OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
 
-class GateMiddleware:
-    def __init__(self, app: ASGIApp, state: ServerState) -> None:
-        self.app = app
-        self.state = state
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+class GateMiddleware(HTTPMiddleware):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = self._check(scope)
         if error is not None:
             await error.response()(scope, receive, send)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 from engine.llm import TokenLogprob
@@ -13,10 +14,13 @@ def _num(x: float) -> float | None:
 
 
 def completion_logprobs(
-    entries: list[TokenLogprob | None], text_offset: int
+    entries: Sequence[TokenLogprob | None], text_offset: int
 ) -> tuple[dict[str, Any], int]:
     """{tokens, token_logprobs, top_logprobs, text_offset} and the offset after them."""
-    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict[str, float | None] | None] = []
+    offsets: list[int] = []
     for e in entries:
         offsets.append(text_offset)
         if e is None:  # the first prompt token has no logprob

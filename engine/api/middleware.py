@@ -31,55 +31,77 @@ class BodyTooLarge(Exception):
     pass
 
 
-class RequestContextMiddleware:
+class HTTPMiddleware:
+    """Pure-ASGI middleware for HTTP requests; lifespan (and anything else) passes through."""
+
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app = app
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] == "http":
+            await self.handle(scope, receive, send)
+        else:
             await self.app(scope, receive, send)
-            return
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotImplementedError
+
+
+class RequestContextMiddleware(HTTPMiddleware):
+    """Request ids, the body size limit, and one JSON log line per request."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.monotonic()
         request_id = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
-        limit = self.state.settings.server.max_body_bytes
-        status = 0
         extra = [(REQUEST_ID_HEADER, request_id.encode())]
         if self.state.replica_id:
             extra.append((REPLICA_HEADER, self.state.replica_id.encode()))
+        response = _HeadersAdded(send, extra)
+        await self._within_body_limit(scope, receive, response)
+        if self.state.settings.server.access_log:
+            _log_request(scope, request_id, response.status, started)
 
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                headers = message.get("headers", [])
-                # Ray's proxy adds its own x-request-id (the same id, read from the request).
-                message["headers"] = [*headers, *(h for h in extra if h not in headers)]
-            await send(message)
-
+    async def _within_body_limit(self, scope: Scope, receive: Receive, send: _HeadersAdded) -> None:
+        """Run the app, answering 413 for a body over the limit (declared or as read)."""
+        limit = self.state.settings.server.max_body_bytes
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _too_large(limit, send_with_id)
-        else:
-            received = 0
+            await _too_large(limit, send)
+            return
+        received = 0
 
-            async def receive_limited() -> Message:
-                nonlocal received
-                message = await receive()
-                if message["type"] == "http.request":
-                    received += len(message.get("body", b""))
-                    if received > limit:
-                        raise BodyTooLarge()
-                return message
+        async def receive_limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge()
+            return message
 
-            try:
-                await self.app(scope, receive_limited, send_with_id)
-            except BodyTooLarge:
-                if status == 0:
-                    await _too_large(limit, send_with_id)
-        if self.state.settings.server.access_log:
-            _log_request(scope, request_id, status, started)
+        try:
+            await self.app(scope, receive_limited, send)
+        except BodyTooLarge:
+            if send.status == 0:
+                await _too_large(limit, send)
+
+
+class _HeadersAdded:
+    """`send` that adds headers to the response and remembers its status."""
+
+    def __init__(self, send: Send, extra: list[tuple[bytes, bytes]]) -> None:
+        self.send, self.extra = send, extra
+        self.status = 0
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+            headers = message.get("headers", [])
+            # Ray's proxy adds its own x-request-id (the same id, read from the request).
+            message["headers"] = [*headers, *(h for h in self.extra if h not in headers)]
+        await self.send(message)
 
 
 def _request_id(scope: Scope) -> str:

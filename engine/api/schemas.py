@@ -64,6 +64,11 @@ class SamplingFields(BaseModel):
         return stops
 
     @property
+    def stop_list(self) -> list[str]:
+        """`stop` as a list (the validator has normalised it to one already)."""
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
@@ -96,9 +101,10 @@ class CompletionRequest(SamplingFields):
         p = self.prompt
         if isinstance(p, str):
             return [p]
-        if p and isinstance(p[0], int):
-            return [p]  # type: ignore[list-item]
-        return p  # type: ignore[return-value]
+        # The schema admits a list of ids, of strings, or of id lists; never a mix.
+        if isinstance(p[0], int):
+            return [p]
+        return p
 
 
 class TextPart(BaseModel):

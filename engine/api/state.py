@@ -10,7 +10,7 @@ from typing import Any, Protocol
 from engine.api.admission import Admission
 from engine.api.auth import KeyStore
 from engine.codellama import Capabilities, CodeLlamaPrompts, capabilities
-from engine.config import Settings
+from engine.config import ResolvedSettings
 from engine.llm import EngineStats, ModelInfo, SamplingOptions, StepOutput
 from engine.metrics import EngineGauges, Metrics
 
@@ -37,17 +37,15 @@ class EngineLike(Protocol):
     async def abort(self, request_id: str) -> None: ...
 
 
-RAY_STREAM_COALESCE_MS = 100.0
-
-
 @dataclass
 class ServerState:
-    settings: Settings
+    settings: ResolvedSettings
     engine: EngineLike
     replica_id: str | None = None  # set in cluster mode; sent as a response header
     metrics: Metrics = field(init=False)
     keys: KeyStore = field(init=False)
     admission: Admission = field(init=False)
+    # Built from the loaded tokenizer once the engine is up (see on_engine_started).
     prompts: CodeLlamaPrompts | None = None
     caps: Capabilities | None = None
     draining: bool = False
@@ -73,11 +71,15 @@ class ServerState:
         self.idle.set()
 
     @property
-    def stream_coalesce_s(self) -> float:
-        ms = self.settings.server.stream_coalesce_ms
-        if ms is None:  # Ray's proxy pays per message; a local socket write is cheap
-            ms = RAY_STREAM_COALESCE_MS if self.replica_id else 0.0
-        return ms / 1000
+    def code_llama(self) -> CodeLlamaPrompts:
+        """Code Llama's prompt formats (requests reach here only once the engine is up)."""
+        assert self.prompts is not None
+        return self.prompts
+
+    @property
+    def capabilities(self) -> Capabilities:
+        assert self.caps is not None
+        return self.caps
 
     def on_engine_started(self, info: ModelInfo) -> None:
         """Build what depends on the loaded tokenizer; the API serves from here on."""

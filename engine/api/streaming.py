@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -30,7 +30,7 @@ class SSEResponse(StreamingResponse):
 
     def __init__(
         self,
-        frames: AsyncIterator[bytes],
+        frames: AsyncGenerator[bytes, None],
         finish: Callable[[int], Awaitable[None]],
         headers: dict[str, str] | None = None,
         coalesce_s: float = 0.0,
@@ -41,9 +41,10 @@ class SSEResponse(StreamingResponse):
         events = self._events()
         if coalesce_s > 0:
             events = coalesce(events, coalesce_s)
+        self._body = events
         super().__init__(events, headers={**SSE_HEADERS, **(headers or {})})
 
-    async def _events(self) -> AsyncIterator[bytes]:
+    async def _events(self) -> AsyncGenerator[bytes, None]:
         try:
             async for frame in self._frames:
                 yield frame
@@ -57,13 +58,15 @@ class SSEResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            for it in (self.body_iterator, self._frames):
+            for it in (self._body, self._frames):
                 with contextlib.suppress(Exception):
-                    await it.aclose()  # type: ignore[attr-defined]
+                    await it.aclose()
             await self._finish(self._status)
 
 
-async def coalesce(chunks: AsyncIterator[bytes], interval_s: float) -> AsyncIterator[bytes]:
+async def coalesce(
+    chunks: AsyncGenerator[bytes, None], interval_s: float
+) -> AsyncGenerator[bytes, None]:
     """Join chunks that arrive within `interval_s` of the last write into one.
 
     The first chunk goes at once (TTFT is untouched) and whatever is held
@@ -84,4 +87,4 @@ async def coalesce(chunks: AsyncIterator[bytes], interval_s: float) -> AsyncIter
         if held:
             yield b"".join(held)
     finally:
-        await chunks.aclose()  # type: ignore[attr-defined]
+        await chunks.aclose()

@@ -9,7 +9,7 @@ import pytest
 from engine.api.admission import Admission, TokenBucket
 from engine.api.auth import ANONYMOUS, ApiKey, KeyFileError, KeyStore, bearer_token
 from engine.api.errors import APIError
-from engine.config import AuthConfig, build_settings
+from engine.config import AuthConfig, build_settings, resolve
 from engine.metrics import EngineGauges, Metrics
 
 
@@ -83,7 +83,8 @@ def _admission(**admission) -> Admission:
         file_values={"engine": {"max_num_seqs": 4}, "admission": admission}, env={}
     )
     zero = lambda: 0.0  # noqa: E731
-    return Admission(settings, Metrics(EngineGauges(zero, zero, zero, zero, zero), lambda: ""))
+    metrics = Metrics(EngineGauges(zero, zero, zero, zero, zero), lambda: "")
+    return Admission(resolve(settings, gpu=False), metrics)
 
 
 def test_queue_bound_counts_sequences_exactly():

@@ -76,3 +76,31 @@ def test_every_setting_has_a_flag_and_help():
         for name, info in model.model_fields.items():
             assert "--" + name.replace("_", "-") in help_text
             assert info.description, f"{name} has no description for --help"
+
+
+def test_resolution_works_out_every_default_in_one_place():
+    from engine.config import (
+        DEMO_MAX_MODEL_LEN,
+        DEMO_MODEL_NAME,
+        RAY_STREAM_COALESCE_MS,
+        REAL_MODEL,
+        resolve,
+    )
+
+    s = build_settings(env={})
+    cpu = resolve(s, gpu=False)
+    assert (cpu.model, cpu.served_model_name, cpu.is_demo) == ("demo", DEMO_MODEL_NAME, True)
+    assert cpu.engine.max_model_len == DEMO_MAX_MODEL_LEN and cpu.engine.dtype == "float32"
+    assert cpu.engine.enforce_eager is True and cpu.engine.distributed_executor_backend is None
+    assert cpu.stream_coalesce_s == 0.0
+    assert cpu.max_admitted_sequences == 256 + 256
+    gpu = resolve(s, gpu=True, mode="ray")
+    assert gpu.model == REAL_MODEL and gpu.engine.dtype == "auto"
+    assert gpu.engine.distributed_executor_backend == "ray"
+    assert gpu.server.stream_coalesce_ms == RAY_STREAM_COALESCE_MS
+    assert resolve(s, gpu=False, mode="ray").engine.distributed_executor_backend == "mp"
+    # Pure and idempotent: resolving again changes nothing; what was set wins.
+    assert resolve(cpu.settings, gpu=False) == cpu
+    told = build_settings(env={}, overrides={"stream_coalesce_ms": 5, "max_model_len": 512})
+    assert resolve(told, gpu=False, mode="ray").server.stream_coalesce_ms == 5
+    assert resolve(told, gpu=False).engine.max_model_len == 512

@@ -4,8 +4,23 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config import REAL_MODEL, EngineConfig
-from engine.llm import CODELLAMA_MAX_MODEL_LEN, DEMO_MAX_MODEL_LEN, engine_args, resolve_model_name
+from engine.config import (
+    CODELLAMA_MAX_MODEL_LEN,
+    DEMO_MAX_MODEL_LEN,
+    REAL_MODEL,
+    EngineConfig,
+    Settings,
+    resolve,
+)
+from engine.llm import engine_args as _engine_args
+
+
+def engine_args(cfg: EngineConfig, model_path: str, gpu: bool):
+    return _engine_args(resolve(Settings(engine=cfg), gpu=gpu), model_path)
+
+
+def resolve_model_name(cfg: EngineConfig, gpu: bool) -> str:
+    return resolve(Settings(engine=cfg), gpu=gpu).model
 
 
 def test_default_model_is_13b_on_gpu_and_demo_on_cpu():

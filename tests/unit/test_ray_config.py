@@ -7,25 +7,44 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.config import build_settings
-from engine.metrics import EngineGauges, Metrics
+from engine.config import build_settings, resolve
 from engine.ray_autoscaling import CodeLlamaAutoscalingPolicy
-from engine.ray_config import (
-    IMPORT_PATH,
-    autoscaling_config,
-    deployment_options,
-    max_ongoing_requests,
-    placement,
-    serve_config,
-    settings_args,
-    target_ongoing_requests,
-)
+from engine.ray_config import IMPORT_PATH, serve_config, settings_args
+from engine.ray_config import autoscaling_config as _autoscaling_config
+from engine.ray_config import deployment_options as _deployment_options
+from engine.ray_config import placement as _placement
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def settings(**sections):
     return build_settings(file_values=sections, env={})
+
+
+def ray_settings(s, gpu=False):
+    return resolve(s, gpu=gpu, mode="ray")
+
+
+def placement(s, gpu):
+    """The Ray options of a replica, with the executor its engine runs tensor-parallel with."""
+    r = ray_settings(s, gpu)
+    return {**_placement(r), "distributed_executor_backend": r.engine.distributed_executor_backend}
+
+
+def target_ongoing_requests(s):
+    return ray_settings(s).ray.target_ongoing_requests
+
+
+def max_ongoing_requests(s):
+    return ray_settings(s).ray.max_ongoing_requests
+
+
+def autoscaling_config(s):
+    return _autoscaling_config(ray_settings(s))
+
+
+def deployment_options(s, gpu):
+    return _deployment_options(ray_settings(s, gpu))
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4, 8])
@@ -136,25 +155,27 @@ def test_policy_reads_replica_metrics(policy):
     assert policy(_Ctx(0, 5, {}))[0] == 0
 
 
-def test_replica_ops_port_serves_metrics_health_and_ready():
+def test_replica_ops_port_serves_metrics_health_and_ready(demo_tokenizer):
+    import asyncio
+    import threading
+
     import httpx
 
+    from engine.api.state import ServerState
     from engine.ray_serve import serve_replica_ops
     from tests.conftest import free_port
+    from tests.fakes import FakeEngine
 
-    class _State:
-        accepting = False
-
-        class engine:  # a stand-in attribute namespace
-            dead = False
-
-        metrics = Metrics(EngineGauges(*(lambda: 0.0 for _ in range(5))), lambda: "m")
-
+    engine = FakeEngine(demo_tokenizer)
+    state = ServerState(ray_settings(settings()), engine)
+    loop = asyncio.new_event_loop()  # the replica's loop, where the engine is checked
+    threading.Thread(target=loop.run_forever, daemon=True).start()
     port = free_port()
-    serve_replica_ops(port, _State)
+    serve_replica_ops(port, state, loop)
     url = f"http://127.0.0.1:{port}"
     assert "codellama_serve_requests_running" in httpx.get(url + "/metrics").text
     assert httpx.get(url + "/health").status_code == 200
     assert httpx.get(url + "/ready").status_code == 503
-    _State.accepting = True
+    state.on_engine_started(engine.start())
     assert httpx.get(url + "/ready").status_code == 200
+    loop.call_soon_threadsafe(loop.stop)

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from engine.api.app import create_app
-from engine.config import build_settings
+from engine.config import build_settings, resolve
 from tests.conftest import free_port
 from tests.fakes import FakeEngine, serve_in_thread
 
@@ -19,7 +19,7 @@ def make_server(tokenizer, *, step_delay=0.0, load_delay=0.0, **server_settings)
     settings = build_settings(env={}, overrides=server_settings)
     engine = FakeEngine(tokenizer, step_delay=step_delay, load_delay=load_delay)
     fatal = []
-    app = create_app(settings, engine, on_fatal=lambda: fatal.append(True))
+    app = create_app(resolve(settings, gpu=False), engine, on_fatal=lambda: fatal.append(True))
     return app, engine, fatal
 
 

@@ -1,150 +1,22 @@
-"""What completions and chat share: checks, sampling options, running prompts
-through the engine (one or many, streamed or collected), cancellation, timing."""
+"""One request's generation: its engine requests, timeout, aborts, token counts and metrics."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
-
-from starlette.requests import Request
+from typing import Any
 
 from engine.api.admission import Ticket
-from engine.api.auth import ANONYMOUS
-from engine.api.errors import APIError, bad_request, draining, engine_dead, model_loading
-from engine.api.schemas import SamplingFields
+from engine.api.errors import MAPPED_ERRORS, APIError, api_error
 from engine.api.state import ServerState
-from engine.llm import (
-    EngineDeadError,
-    EngineNotReadyError,
-    EngineRequestError,
-    SamplingOptions,
-    StepOutput,
-)
+from engine.api.streaming import CLIENT_CLOSED
+from engine.llm import SamplingOptions, StepOutput
 
-T = TypeVar("T")
-
-
-def new_id() -> str:
-    return uuid.uuid4().hex
-
-
-class ClientDisconnected(Exception):
-    """The client went away before its answer was ready."""
-
-
-# ---------------------------------------------------------------- checks
-
-
-def check_serving(state: ServerState) -> None:
-    if state.engine.dead:
-        raise engine_dead()
-    if state.draining:
-        raise draining(state.settings.admission.retry_after_s)
-    if not state.accepting:
-        raise model_loading()
-
-
-def check_model(state: ServerState, requested: str | None) -> None:
-    served = state.model.served_name
-    if requested is not None and requested != served:
-        raise APIError(
-            404, f"The model '{requested}' does not exist. This server serves '{served}'.",
-            param="model", code="model_not_found",
-        )  # fmt: skip
-
-
-def check_context(state: ServerState, prompt_tokens: int, max_tokens: int, param: str) -> None:
-    limit = state.model.max_model_len
-    if prompt_tokens + max_tokens > limit:
-        raise bad_request(
-            f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, {max_tokens} "
-            "for the completion). Please reduce the prompt or max_tokens.",
-            param=param, code="context_length_exceeded",
-        )  # fmt: skip
-
-
-def check_counts(
-    state: ServerState, req: SamplingFields, prompts: int, logprobs: int | None
-) -> None:
-    s = state.settings.server
-    if req.n > s.max_n:
-        raise bad_request(f"n must be at most {s.max_n}, got {req.n}", param="n")
-    if prompts > s.max_prompts_per_request:
-        raise bad_request(
-            f"at most {s.max_prompts_per_request} prompts per request, got {prompts}",
-            param="prompt",
-        )
-    limit = state.settings.engine.max_logprobs
-    if logprobs is not None and logprobs > limit:
-        raise bad_request(f"logprobs must be at most {limit}, got {logprobs}", param="logprobs")
-
-
-def default_max_tokens(state: ServerState, prompt_tokens: int, requested: int | None) -> int:
-    if requested is not None:
-        return requested
-    return max(1, state.model.max_model_len - prompt_tokens)
-
-
-def sampling_options(
-    req: SamplingFields,
-    max_tokens: int,
-    *,
-    stop_token_ids: list[int] | None = None,
-    logprobs: int | None = None,
-    prompt_logprobs: int | None = None,
-) -> SamplingOptions:
-    return SamplingOptions(
-        max_tokens=max_tokens,
-        n=req.n,
-        temperature=req.temperature,
-        top_p=req.top_p,
-        top_k=req.top_k,
-        min_p=req.min_p,
-        presence_penalty=req.presence_penalty,
-        frequency_penalty=req.frequency_penalty,
-        repetition_penalty=req.repetition_penalty,
-        seed=req.seed,
-        stop=req.stop,  # type: ignore[arg-type]  # normalised to a list by the schema
-        stop_token_ids=[*(req.stop_token_ids or []), *(stop_token_ids or [])],
-        include_stop_str_in_output=req.include_stop_str_in_output,
-        ignore_eos=req.ignore_eos,
-        min_tokens=req.min_tokens,
-        logprobs=logprobs,
-        prompt_logprobs=prompt_logprobs,
-        skip_special_tokens=req.skip_special_tokens,
-        stream=req.stream,
-    )
-
-
-def finish_reason(reason: str | None) -> str | None:
-    # vLLM says "stop" for EOS, stop strings and stop tokens, "length" at
-    # max_tokens; "abort" never reaches a client as a finish reason.
-    return reason if reason in (None, "stop", "length") else "stop"
-
-
-def admit(
-    state: ServerState,
-    request: Request,
-    endpoint: str,
-    request_id: str,
-    prompts: list[list[int]],
-    options: SamplingOptions,
-) -> Run:
-    """Reserve the request's place in the queue (or raise 429) and start its run."""
-    key = getattr(request.state, "api_key", ANONYMOUS)
-    ticket = state.admission.reserve(key, len(prompts) * options.n, sum(map(len, prompts)))
-    run = Run(state, endpoint, request_id, prompts, options, ticket)
-    request.state.run = run
-    return run
-
-
-# ---------------------------------------------------------------- one request's run
+Steps = AsyncIterator[tuple[int, StepOutput]]  # (prompt index, engine step)
+_StepStream = AsyncGenerator[tuple[int, StepOutput], None]
 
 
 @dataclass(slots=True)
@@ -165,7 +37,7 @@ class Run:
     finished: bool = False
     timed_out: bool = False
     _timeout_task: asyncio.Task[None] | None = None
-    _stream: AsyncIterator[tuple[int, StepOutput]] | None = None
+    _stream: _StepStream | None = None
     _recorded: bool = False
 
     def __post_init__(self) -> None:
@@ -213,19 +85,31 @@ class Run:
     def engine_request_id(self, prompt_index: int) -> str:
         return self.request_id if len(self.prompts) == 1 else f"{self.request_id}-{prompt_index}"
 
-    def steps(self) -> AsyncIterator[tuple[int, StepOutput]]:
+    def steps(self) -> Steps:
         """(prompt index, step) until every prompt's sequences finish."""
         self._stream = self._steps()
         return self._stream
+
+    @contextlib.asynccontextmanager
+    async def closes_on_error(self) -> AsyncIterator[None]:
+        """Close the run with the status its failure answers (499: the client left)."""
+        try:
+            yield
+        except APIError as e:
+            await self.close(e.status)
+            raise
+        except BaseException:
+            await self.close(CLIENT_CLOSED)
+            raise
 
     async def close(self, status: int) -> None:
         """End the run: abort what is unfinished in the engine, then record it."""
         if self._stream is not None:
             with contextlib.suppress(Exception):
-                await self._stream.aclose()  # type: ignore[attr-defined]
+                await self._stream.aclose()
         self.record(status)
 
-    async def _steps(self) -> AsyncIterator[tuple[int, StepOutput]]:
+    async def _steps(self) -> _StepStream:
         engine = self.state.engine
         n = self.options.n
         timeout = self.state.settings.server.request_timeout_s
@@ -244,7 +128,7 @@ class Run:
                     engine.generate(self.engine_request_id(i), p, self.options)
                     for i, p in enumerate(self.prompts)
                 ]
-                async for i, step in _merge(streams):
+                async for i, step in merge_streams(streams):
                     self._count(i, n, step)
                     yield i, step
             if self.timed_out:
@@ -254,12 +138,8 @@ class Run:
                     code="request_timeout",
                 )  # fmt: skip
             self.finished = True
-        except EngineDeadError:
-            raise engine_dead() from None
-        except EngineNotReadyError:
-            raise model_loading() from None
-        except EngineRequestError as e:
-            raise bad_request(str(e)) from None
+        except MAPPED_ERRORS as e:
+            raise api_error(e) from None
         finally:
             timer.cancel()
             if not self.finished:
@@ -322,7 +202,9 @@ class Run:
             m.tpot.labels(endpoint=self.endpoint).observe(tpot)
 
 
-async def _merge(streams: list[AsyncIterator[StepOutput]]) -> AsyncIterator[tuple[int, StepOutput]]:
+async def merge_streams(
+    streams: list[AsyncIterator[StepOutput]],
+) -> AsyncIterator[tuple[int, StepOutput]]:
     """Interleave several engine streams as their steps arrive."""
     queue: asyncio.Queue[tuple[int, StepOutput | BaseException | None]] = asyncio.Queue()
 
@@ -349,44 +231,3 @@ async def _merge(streams: list[AsyncIterator[StepOutput]]) -> AsyncIterator[tupl
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-
-
-# ---------------------------------------------------------------- disconnects
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await `work`, cancelling it (and so aborting its engine requests) if the client leaves."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
-    try:
-        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:
-        task.cancel()
-        raise
-    finally:
-        watcher.cancel()
-    if task.done():
-        return task.result()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
-    raise ClientDisconnected()
-
-
-async def first_and_rest(it: AsyncIterator[T]) -> tuple[T | None, AsyncIterator[T]]:
-    """Pull the first item now (so errors become HTTP statuses), keep the rest lazy."""
-    try:
-        first = await anext(it)
-    except StopAsyncIteration:
-        return None, it
-    return first, it
-
-
-ErrorHandler = Callable[[APIError], bytes]
