@@ -102,10 +102,15 @@ class StepOutput:
 
 @dataclass(slots=True)
 class EngineStats:
+    """The scheduler's latest figures (gauges) and running totals (counters)."""
+
     running: int = 0
     waiting: int = 0
     kv_cache_usage: float = 0.0  # 0..1
     updated_at: float = 0.0  # time.monotonic() of the last engine step seen
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of them, found there
+    preemptions: int = 0  # sequences the scheduler preempted (KV cache full)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,14 +186,25 @@ def _stats_logger_factory(sink: EngineStats) -> type[Any]:
         def __init__(self, vllm_config: Any, engine_indexes: list[int] | None = None) -> None:
             pass  # none of PrometheusStatLogger's metrics
 
-        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx=0):
+        def record(
+            self,
+            scheduler_stats: Any,
+            iteration_stats: Any,
+            mm_cache_stats: Any = None,
+            engine_idx: int = 0,
+        ) -> None:
             if scheduler_stats is not None:
                 sink.running = scheduler_stats.num_running_reqs
                 sink.waiting = (
                     scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
                 )
                 sink.kv_cache_usage = scheduler_stats.kv_cache_usage
+                cache = scheduler_stats.prefix_cache_stats
+                sink.prefix_cache_queries += cache.queries
+                sink.prefix_cache_hits += cache.hits
                 sink.updated_at = time.monotonic()
+            if iteration_stats is not None:
+                sink.preemptions += iteration_stats.num_preempted_reqs
 
         def record_admission_rejection(self, reason: str) -> None:
             pass

@@ -7,7 +7,7 @@ not pushed on every engine step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import (
@@ -20,7 +20,9 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 PREFIX = "codellama_serve"
 
@@ -46,13 +48,34 @@ TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 @dataclass(slots=True)
 class EngineGauges:
-    """Where the scrape-time gauges read from (callables, so nothing is pushed)."""
+    """Where the scrape-time series read from (callables, so nothing is pushed)."""
 
     running: Callable[[], float]
     waiting: Callable[[], float]
     kv_cache_usage: Callable[[], float]
     healthy: Callable[[], float]
     ready: Callable[[], float]
+    # Running totals kept by the engine's stats logger (counters, read when scraped).
+    prefix_cache_queries: Callable[[], float] = lambda: 0.0
+    prefix_cache_hits: Callable[[], float] = lambda: 0.0
+    preemptions: Callable[[], float] = lambda: 0.0
+
+
+class _EngineCounters(Collector):
+    """Counters whose totals the engine keeps: exposed as counters, read when scraped."""
+
+    def __init__(self, engine: EngineGauges) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        e = self.engine
+        for name, doc, read in (
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+             e.prefix_cache_queries),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache.", e.prefix_cache_hits),
+            ("preemptions", "Sequences the engine preempted (KV cache full).", e.preemptions),
+        ):  # fmt: skip
+            yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=read())
 
 
 class Metrics:
@@ -94,7 +117,13 @@ class Metrics:
         )  # fmt: skip
         self.aborted = Counter(
             f"{p}_requests_aborted",
-            "Requests aborted in the engine before they finished, by reason.",
+            "Requests aborted in the engine before they finished, by reason "
+            "(client_disconnect, timeout).",
+            ["reason"], registry=r,
+        )  # fmt: skip
+        self.aborted_tokens = Counter(
+            f"{p}_aborted_generation_tokens",
+            "Tokens generated for requests that were then aborted (work thrown away), by reason.",
             ["reason"], registry=r,
         )  # fmt: skip
         self.in_flight = Gauge(
@@ -127,6 +156,7 @@ class Metrics:
         )  # fmt: skip
         self._gauge(f"{p}_engine_healthy", "1 while the engine process is alive.", engine.healthy)
         self._gauge(f"{p}_ready", "1 while the server accepts requests.", engine.ready)
+        r.register(_EngineCounters(engine))
         self.info = Gauge(f"{p}_model_info", "The served model.", ["model"], registry=r)
         self._model_name = model_name
 

@@ -39,6 +39,7 @@ class Run:
     _timeout_task: asyncio.Task[None] | None = None
     _stream: _StepStream | None = None
     _recorded: bool = False
+    abort_reason: str | None = None  # why the engine stopped it early, once recorded
 
     def __post_init__(self) -> None:
         self.tokens_per_choice = [0] * (len(self.prompts) * self.options.n)
@@ -80,6 +81,8 @@ class Run:
             fields["tpot_ms"] = round(tpot * 1000, 3)
         if self.timed_out:
             fields["timed_out"] = True
+        if self.abort_reason is not None:
+            fields["aborted"] = self.abort_reason
         return fields
 
     def engine_request_id(self, prompt_index: int) -> str:
@@ -132,7 +135,6 @@ class Run:
                     self._count(i, n, step)
                     yield i, step
             if self.timed_out:
-                self.state.metrics.aborted.labels(reason="timeout").inc()
                 raise APIError(
                     504, f"The request did not finish within {timeout:g} s and was aborted.",
                     code="request_timeout",
@@ -186,6 +188,13 @@ class Run:
         m = self.state.metrics
         now = time.monotonic()
         m.requests.labels(endpoint=self.endpoint, status=str(status)).inc()
+        if self.timed_out:
+            self.abort_reason = "timeout"
+        elif status == CLIENT_CLOSED and not self.finished:
+            self.abort_reason = "client_disconnect"
+        if self.abort_reason is not None:
+            m.aborted.labels(reason=self.abort_reason).inc()
+            m.aborted_tokens.labels(reason=self.abort_reason).inc(self.completion_tokens)
         if status != 200:
             return
         m.e2e.labels(endpoint=self.endpoint).observe(now - self.arrival)

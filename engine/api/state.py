@@ -63,6 +63,9 @@ class ServerState:
                 kv_cache_usage=lambda: e.stats.kv_cache_usage,
                 healthy=lambda: 0.0 if e.dead else 1.0,
                 ready=lambda: 1.0 if self.accepting else 0.0,
+                prefix_cache_queries=lambda: e.stats.prefix_cache_queries,
+                prefix_cache_hits=lambda: e.stats.prefix_cache_hits,
+                preemptions=lambda: e.stats.preemptions,
             ),
             model_name=lambda: e.info.served_name if e.info else "",
         )

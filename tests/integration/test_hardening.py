@@ -127,8 +127,22 @@ async def test_fifty_streams_that_disconnect_leave_the_engine_idle(server):
                 if n >= 4:
                     break  # leaving the block closes the connection mid-stream
 
+    aborted = 'codellama_serve_requests_aborted_total{reason="client_disconnect"}'
+    wasted = 'codellama_serve_aborted_generation_tokens_total{reason="client_disconnect"}'
+    before = _labelled(server, aborted), _labelled(server, wasted)
     async with httpx.AsyncClient(base_url=server.base_url, timeout=60, limits=limits) as c:
         await asyncio.gather(*(read_a_little(c) for _ in range(50)))
     started = time.monotonic()
     wait_idle(server, 2)
     print(f"engine idle {time.monotonic() - started:.2f} s after 50 disconnects")
+    # Each disconnect is counted as an abort, with the tokens generated for it.
+    assert _labelled(server, aborted) - before[0] == 50
+    assert _labelled(server, wasted) - before[1] >= 50 * 3
+
+
+def _labelled(server, series: str) -> float:
+    """The value of one labelled series in the server's /metrics (0 if absent)."""
+    for line in httpx.get(server.base_url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[1])
+    return 0.0

@@ -197,3 +197,14 @@ async def test_disconnect_mid_stream_leaves_the_engine_idle(aclient, server):
             break
         assert time.monotonic() < deadline, (running, waiting)
         await asyncio.sleep(0.05)
+
+
+def test_prefix_cache_counters_see_a_repeated_prompt(client, server):
+    prompt = "def shared_prefix_of_a_file(x):\n" + "    y = x + 1\n" * 40
+    queries = server.metric("codellama_serve_prefix_cache_queries_total")
+    hits = server.metric("codellama_serve_prefix_cache_hits_total")
+    for _ in range(2):
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=1, temperature=0)
+    assert server.metric("codellama_serve_prefix_cache_queries_total") > queries
+    # The second request finds the first one's full blocks in the cache.
+    assert server.metric("codellama_serve_prefix_cache_hits_total") - hits >= 16
