@@ -146,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_vllm_logging(settings.server.log_level)
     if args.ray:
+        import os
+
+        from engine.ray_config import ingress_env
+
+        # Ray reads its ingress flags when Serve is first imported, in this process and in
+        # the Ray it starts (which inherits this environment): set them before either.
+        os.environ.update(ingress_env(settings))
         from engine.ray_serve import serve_with_ray
 
         return serve_with_ray(settings)

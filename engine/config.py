@@ -25,6 +25,9 @@ CODELLAMA_MAX_MODEL_LEN = 16384
 # Through Ray's proxy every streamed write is a message between actors (~0.35 ms of CPU
 # each, docs/performance.md); a local socket write is cheap.
 RAY_STREAM_COALESCE_MS = 100.0
+# Ray's HAProxy ingress forwards straight to the replicas' own HTTP servers: a stream's
+# writes are socket writes, as standalone (docs/performance.md, "Ray ingress modes").
+DEFAULT_RAY_INGRESS = "haproxy"
 
 Mode = Literal["standalone", "ray"]
 
@@ -131,7 +134,8 @@ class ServerConfig(Section):
         le=1000,
         description="Streaming: send a request's frames together at most this often (the "
         "first at once, the last with the end); fewer, larger writes where each one is costly. "
-        "Default: 0 standalone, 100 in Ray Serve, where every write is a message to the proxy.",
+        "Default: 100 in Ray Serve behind the Python proxy (ray_ingress proxy), where every "
+        "write is a message between actors; 0 otherwise.",
     )
 
 
@@ -261,6 +265,53 @@ class RayConfig(Section):
         return self
 
 
+class RoutingConfig(Section):
+    """Cluster mode: how requests enter Ray Serve and which replica serves each."""
+
+    ray_ingress: Literal["haproxy", "proxy"] | None = Field(
+        None,
+        description="How HTTP reaches the replicas. haproxy: Ray's HAProxy ingress on every "
+        "node forwards to the replicas' own HTTP servers (direct ingress), asking the "
+        "application's ingress request router where each POST goes; proxy: Ray's Python HTTP "
+        "proxy actors, every streamed frame a message between actors. Default: haproxy "
+        "(docs/performance.md). `serve --ray` starts its Ray with it; a cluster you join "
+        "(or KubeRay) must be started with its env (RAY_SERVE_ENABLE_HA_PROXY=1, see README).",
+    )
+    ray_router: Literal["codellama", "default", "ray_prefix"] = Field(
+        "codellama",
+        description="Which replica serves a request. codellama: prefix-cache and session "
+        "affinity on the prompt as the engine sees it, bounded by load (engine.prefix_routing; "
+        "prefix affinity needs the haproxy ingress, which hands it the body); default: Ray's "
+        "(HAProxy's leastconn, or power of two choices through the proxy); ray_prefix: "
+        "ray.serve.llm's PrefixCacheAffinityRouter (haproxy ingress only).",
+    )
+    routing_max_imbalance: int = Field(
+        4,
+        ge=0,
+        description="Affinity may send a request to a replica with at most this many more "
+        "requests than the least loaded one (or the ratio below, whichever allows more).",
+    )
+    routing_max_imbalance_ratio: float = Field(
+        1.25,
+        ge=1.0,
+        description="... or with at most this many times the least loaded replica's requests.",
+    )
+    routing_session_affinity: bool = Field(
+        True,
+        description="Keep a session (X-Session-Id header, else the OpenAI `user` field) on "
+        "one replica while it is not saturated or over the imbalance bound.",
+    )
+
+    @model_validator(mode="after")
+    def _router_needs_ingress(self) -> RoutingConfig:
+        if self.ray_router == "ray_prefix" and self.ray_ingress == "proxy":
+            raise ValueError(
+                "ray_router ray_prefix reads the request body, which only the haproxy ingress "
+                "hands to a router"
+            )
+        return self
+
+
 class Settings(Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     features: ModelFeaturesConfig = Field(default_factory=ModelFeaturesConfig)
@@ -268,6 +319,7 @@ class Settings(Section):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
 
 
 def sections() -> dict[str, type[Section]]:
@@ -400,6 +452,10 @@ class ResolvedSettings(BaseModel):
         return self.settings.ray
 
     @property
+    def routing(self) -> RoutingConfig:
+        return self.settings.routing
+
+    @property
     def model(self) -> str:
         """The model to load: a hub name, a path, or 'demo' (set once resolved)."""
         assert self.engine.model is not None
@@ -434,6 +490,9 @@ def resolve(settings: Settings, *, gpu: bool, mode: Mode = "standalone") -> Reso
     replicas are given some). Resolving resolved settings changes nothing.
     """
     e, a, s, r = settings.engine, settings.admission, settings.server, settings.ray
+    routing = settings.routing.model_copy(
+        update={"ray_ingress": settings.routing.ray_ingress or DEFAULT_RAY_INGRESS}
+    )
     model = e.model or (REAL_MODEL if gpu else DEMO_MODEL)
     demo = model == DEMO_MODEL
     engine = e.model_copy(
@@ -458,7 +517,9 @@ def resolve(settings: Settings, *, gpu: bool, mode: Mode = "standalone") -> Reso
         update={
             "stream_coalesce_ms": coalesce
             if coalesce is not None
-            else (RAY_STREAM_COALESCE_MS if mode == "ray" else 0.0)
+            else (
+                RAY_STREAM_COALESCE_MS if mode == "ray" and routing.ray_ingress == "proxy" else 0.0
+            )
         }
     )
     target = r.target_ongoing_requests
@@ -476,5 +537,7 @@ def resolve(settings: Settings, *, gpu: bool, mode: Mode = "standalone") -> Reso
             else e.max_num_seqs + a.max_waiting_requests,
         }
     )
-    resolved = settings.model_copy(update={"engine": engine, "server": server, "ray": ray})
+    resolved = settings.model_copy(
+        update={"engine": engine, "server": server, "ray": ray, "routing": routing}
+    )
     return ResolvedSettings(settings=resolved, gpu=gpu, mode=mode)

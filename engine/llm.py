@@ -124,6 +124,10 @@ class ModelInfo:
     max_model_len: int
     hidden_size: int
     vocab_size: int
+    # The prefix cache's unit: prompts share cached KV in whole blocks of this many
+    # tokens; and how many such blocks the KV cache holds (0: not known).
+    block_size: int = 16
+    kv_cache_blocks: int = 0
 
 
 # ---------------------------------------------------------------- config -> vLLM
@@ -265,6 +269,7 @@ class Engine:
         )
         self._tokenizer = self._llm.get_tokenizer()
         model_config = self._llm.vllm_config.model_config
+        cache_config = self._llm.vllm_config.cache_config
         hf = model_config.hf_config
         self.info = ModelInfo(
             name=name,
@@ -274,6 +279,8 @@ class Engine:
             max_model_len=model_config.max_model_len,
             hidden_size=int(getattr(hf, "hidden_size", 0)),
             vocab_size=int(getattr(hf, "vocab_size", 0)),
+            block_size=int(cache_config.block_size),
+            kv_cache_blocks=int(cache_config.num_gpu_blocks or 0),
         )
         self._started.set()
         log.info("engine ready in %.1f s", time.monotonic() - started)

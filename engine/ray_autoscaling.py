@@ -43,7 +43,12 @@ class CodeLlamaAutoscalingPolicy:
         kv_values = list((metrics.get("kv_cache_usage") or {}).values())
         kv_mean = sum(kv_values) / len(kv_values) if kv_values else 0.0
         desired, reasons = self.decide(replicas, ctx.total_num_requests, waiting, kv_mean)
-        return desired, {"codellama_reasons": reasons}
+        rates = metrics.get("prefix_cache_hit_rate") or {}
+        return desired, {
+            "codellama_reasons": reasons,
+            # Beside the decision: how well routing keeps prompts on warm caches.
+            "codellama_prefix_cache_hit_rate": {str(k): round(v, 3) for k, v in rates.items()},
+        }
 
     def decide(
         self, replicas: int, ongoing: float, waiting: float, kv_mean: float

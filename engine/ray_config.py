@@ -10,11 +10,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.config import ResolvedSettings, Settings
+from engine.config import DEFAULT_RAY_INGRESS, ResolvedSettings, Settings
 
 IMPORT_PATH = "engine.ray_serve:build_app"
 AUTOSCALING_POLICY = "engine.ray_autoscaling:CodeLlamaAutoscalingPolicy"
 DEPLOYMENT_NAME = "CodeLlamaServer"
+# The application's ingress request router (HAProxy asks it where each POST goes): Ray's
+# own, from ray.serve.llm's direct-streaming stack; it calls our deployment's router.
+INGRESS_ROUTER_NAME = "CodeLlamaIngressRouter"
+REQUEST_ROUTERS = {
+    "codellama": "engine.ray_router.CodeLlamaRouter",
+    "ray_prefix": "ray.serve.llm.request_router.PrefixCacheAffinityRouter",
+}
+# How often each replica reports its routing stats (engine.ray_serve.record_routing_stats).
+ROUTING_STATS_PERIOD_S = 1.0
 # Ray's resource name for a GPU type; a tiny amount only pins the node type.
 ACCELERATOR_RESOURCE = "accelerator_type:{}"
 ACCELERATOR_FRACTION = 0.001
@@ -67,11 +76,62 @@ def autoscaling_config(settings: ResolvedSettings) -> dict[str, Any]:
     }
 
 
+def ingress_env(settings: Settings | ResolvedSettings) -> dict[str, str]:
+    """The environment a Ray cluster needs for the settings' ingress (Ray reads it when
+    its processes import Serve: `serve --ray` sets it before starting Ray, the chart on
+    every pod)."""
+    routing = settings.routing
+    if (routing.ray_ingress or DEFAULT_RAY_INGRESS) != "haproxy":
+        return {}
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    if routing.ray_router in REQUEST_ROUTERS:
+        # HAProxy hands the ingress request router the body only when asked to.
+        env["RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY"] = "1"
+    return env
+
+
+def request_router_config(settings: ResolvedSettings) -> dict[str, Any] | None:
+    """The deployment's `request_router_config` (None: Ray's default router)."""
+    routing, r = settings.routing, settings.ray
+    cls = REQUEST_ROUTERS.get(routing.ray_router)
+    if cls is None:
+        return None
+    kwargs: dict[str, Any] = {}
+    if routing.ray_router == "codellama":
+        e = settings.engine
+        kwargs = {
+            "model": settings.model, "tokenizer": e.tokenizer, "revision": e.revision,
+            "download_dir": e.download_dir,
+            "max_imbalance": routing.routing_max_imbalance,
+            "max_imbalance_ratio": routing.routing_max_imbalance_ratio,
+            "session_affinity": routing.routing_session_affinity,
+            "target_waiting_per_replica": r.target_waiting_per_replica,
+            "kv_cache_threshold": r.kv_cache_scale_up_threshold,
+        }  # fmt: skip
+    return {
+        "request_router_class": cls,
+        "request_router_kwargs": kwargs,
+        "request_routing_stats_period_s": ROUTING_STATS_PERIOD_S,
+    }
+
+
+def ingress_router_options() -> dict[str, Any]:
+    """The ingress request router deployment: no CPU reserved (it runs beside HAProxy on
+    any node, the head included), and no limit that would throttle the ingress."""
+    return {
+        "name": INGRESS_ROUTER_NAME,
+        "max_ongoing_requests": 1000,
+        "ray_actor_options": {"num_cpus": 0},
+    }
+
+
 def deployment_options(settings: ResolvedSettings) -> dict[str, Any]:
     """Keyword arguments for `serve.deployment(...).options(...)`."""
     r = settings.ray
+    router = request_router_config(settings)
     return {
         "name": DEPLOYMENT_NAME,
+        **({"request_router_config": router} if router is not None else {}),
         "autoscaling_config": autoscaling_config(settings),
         "max_ongoing_requests": r.max_ongoing_requests,
         **placement(settings),

@@ -22,15 +22,23 @@ import signal
 import threading
 import time
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Literal
 
 from ray import serve
 from ray.serve import Application
 
 from engine.api.health import ENGINE_HEALTH_TIMEOUT_S, liveness, readiness
 from engine.api.state import ServerState
-from engine.config import DEMO_MODEL, Settings, build_settings, resolve
-from engine.ray_config import DEPLOYMENT_NAME, deployment_options, settings_args
+from engine.config import DEMO_MODEL, ConfigError, Settings, build_settings, resolve
+from engine.llm import EngineStats
+from engine.ray_config import (
+    DEPLOYMENT_NAME,
+    deployment_options,
+    ingress_env,
+    ingress_router_options,
+    request_router_config,
+    settings_args,
+)
 
 log = logging.getLogger("engine.ray")
 
@@ -66,6 +74,8 @@ class CodeLlamaServer:
         # Load before reporting ready, so Ray routes nothing to a loading replica.
         started = time.monotonic()
         await asyncio.to_thread(self.engine.start)
+        self.engine_started_at = time.time()
+        self.prefix_cache = PrefixCacheWindow()
         log.info(
             "replica %s loaded its engine in %.1f s", self.replica_id, time.monotonic() - started
         )
@@ -103,6 +113,20 @@ class CodeLlamaServer:
             "engine_running": float(stats.running),
             "kv_cache_usage": float(stats.kv_cache_usage),
             "admitted_sequences": float(self.state.admission.sequences),
+            **self.prefix_cache.stats(stats),
+        }
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """What the request router weighs (engine.ray_router): the prefix cache's block
+        size and capacity, the engine's queue and KV cache, and when the engine started
+        (a new start means an empty cache)."""
+        info, stats = self.engine.info, self.engine.stats
+        return {
+            "block_size": info.block_size if info else 0,
+            "kv_cache_blocks": info.kv_cache_blocks if info else 0,
+            "engine_started_at": self.engine_started_at,
+            "engine_waiting": stats.waiting,
+            "kv_cache_usage": round(stats.kv_cache_usage, 2),
         }
 
     def _serve_own_metrics(self) -> None:
@@ -116,6 +140,26 @@ class CodeLlamaServer:
             serve_replica_ops(port, self.state, asyncio.get_running_loop())
         except OSError as e:  # another replica on this node took it
             log.warning("replica %s: port %d unavailable (%s)", self.replica_id, port, e)
+
+
+class PrefixCacheWindow:
+    """The engine's prefix-cache counters for the autoscaler: the totals, and the hit
+    rate since the previous report (the last one seen while no prompt was looked up)."""
+
+    def __init__(self) -> None:
+        self._queries = self._hits = 0
+        self.hit_rate = 0.0
+
+    def stats(self, stats: EngineStats) -> dict[str, float]:
+        queries = stats.prefix_cache_queries - self._queries
+        if queries > 0:
+            self.hit_rate = (stats.prefix_cache_hits - self._hits) / queries
+        self._queries, self._hits = stats.prefix_cache_queries, stats.prefix_cache_hits
+        return {
+            "prefix_cache_queries": float(stats.prefix_cache_queries),
+            "prefix_cache_hits": float(stats.prefix_cache_hits),
+            "prefix_cache_hit_rate": self.hit_rate,
+        }
 
 
 def serve_replica_ops(port: int, state: ServerState, loop: asyncio.AbstractEventLoop) -> None:
@@ -170,12 +214,45 @@ def build_app(args: dict[str, Any]) -> Application:
         import json
 
         raw = json.loads(raw)
-    settings = build_settings(file_values=raw)
+    settings = _with_cluster_ingress(build_settings(file_values=raw))
     resolved = resolve(settings, gpu=use_gpu(settings), mode="ray")
     deployment = serve.deployment(CodeLlamaServer).options(**deployment_options(resolved))
     # Replicas get what was set, not the resolved values: they resolve it again with the
     # same function and `gpu` (their env supplies the API keys, never sent as args).
-    return deployment.bind(settings_args(settings), resolved.gpu)
+    app = deployment.bind(settings_args(settings), resolved.gpu)
+    if resolved.routing.ray_ingress != "haproxy" or request_router_config(resolved) is None:
+        return app
+    # HAProxy asks this deployment where each POST goes; it hands the parsed body to our
+    # deployment's request router (`pending_request.args`), then HAProxy forwards the
+    # request to the chosen replica's own HTTP server.
+    from ray.llm._internal.serve.core.ingress.router import LLMRouter
+
+    router = serve.deployment(LLMRouter).options(**ingress_router_options())
+    return app._with_ingress_request_router(router.bind(server=app))
+
+
+def _with_cluster_ingress(settings: Settings) -> Settings:
+    """The settings with the ingress this Ray cluster really runs (Ray reads it from the
+    environment its processes started with), so that replicas resolve for it."""
+    actual: Literal["haproxy", "proxy"] = (
+        "haproxy" if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else "proxy"
+    )
+    wanted = settings.routing.ray_ingress
+    if wanted is not None and wanted != actual:
+        log.warning(
+            "ray_ingress is %s but this Ray cluster runs the %s ingress (set %s on its nodes)",
+            wanted, actual, " ".join(f"{k}={v}" for k, v in ingress_env(settings).items()) or
+            "RAY_SERVE_ENABLE_HA_PROXY=0",
+        )  # fmt: skip
+    if settings.routing.ray_router == "ray_prefix" and actual != "haproxy":
+        raise ConfigError(
+            "ray_router ray_prefix needs the haproxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1): "
+            "only it hands the request body to a router"
+        )
+    if settings.routing.ray_router == "codellama" and actual != "haproxy":
+        log.info("Ray's proxy gives routers no request body: routing by session and load only")
+    settings.routing.ray_ingress = actual
+    return settings
 
 
 # ---------------------------------------------------------------- `serve --ray`

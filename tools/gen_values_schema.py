@@ -34,6 +34,7 @@ CHART_OWNED: dict[tuple[str, str], str] = {
     ("server", "drain_timeout_s"): "drain.timeoutSeconds",
     ("auth", "api_keys_file"): "apiKeys.existingSecret",
     ("auth", "api_keys"): "apiKeys.existingSecret",
+    ("routing", "ray_ingress"): "rayService.ingress",
 }
 
 SETTINGS_DESCRIPTION = (

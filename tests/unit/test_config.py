@@ -97,7 +97,11 @@ def test_resolution_works_out_every_default_in_one_place():
     gpu = resolve(s, gpu=True, mode="ray")
     assert gpu.model == REAL_MODEL and gpu.engine.dtype == "auto"
     assert gpu.engine.distributed_executor_backend == "ray"
-    assert gpu.server.stream_coalesce_ms == RAY_STREAM_COALESCE_MS
+    # Frames are coalesced where each write is a message between actors: behind Ray's
+    # Python proxy; behind HAProxy (the default ingress) they are socket writes.
+    assert gpu.routing.ray_ingress == "haproxy" and gpu.server.stream_coalesce_ms == 0.0
+    proxy = build_settings(env={}, file_values={"routing": {"ray_ingress": "proxy"}})
+    assert resolve(proxy, gpu=True, mode="ray").server.stream_coalesce_ms == RAY_STREAM_COALESCE_MS
     assert resolve(s, gpu=False, mode="ray").engine.distributed_executor_backend == "mp"
     # Pure and idempotent: resolving again changes nothing; what was set wins.
     assert resolve(cpu.settings, gpu=False) == cpu

@@ -70,6 +70,9 @@ engine.ray_config.settings_args does.
 {{- $_ := set $ray "upscale_delay_s" $v.autoscaling.upscaleDelaySeconds }}
 {{- $_ := set $ray "downscale_delay_s" $v.autoscaling.downscaleDelaySeconds }}
 {{- $_ := set $s "ray" $ray }}
+{{- $routing := get $s "routing" | default dict }}
+{{- $_ := set $routing "ray_ingress" $v.rayService.ingress }}
+{{- $_ := set $s "routing" $routing }}
 {{- if $v.apiKeys.existingSecret }}
 {{- $auth := get $s "auth" | default dict }}
 {{- $_ := set $auth "api_keys_file" (include "codellama-serve.apiKeysFile" .) }}
@@ -188,6 +191,22 @@ tolerations:
 {{- end }}
 {{- with .Values.env }}
 {{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+What every Ray pod's environment needs for the ingress (Ray reads it when its processes
+start): engine.ray_config.ingress_env of the same settings.
+*/}}
+{{- define "codellama-serve.rayIngressEnv" -}}
+{{- $s := include "codellama-serve.settings" . | fromYaml }}
+{{- if eq .Values.rayService.ingress "haproxy" }}
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
+{{- if has (dig "routing" "ray_router" "codellama" $s) (list "codellama" "ray_prefix") }}
+- name: RAY_SERVE_INGRESS_REQUEST_ROUTER_FORWARD_BODY
+  value: "1"
+{{- end }}
 {{- end }}
 {{- end }}
 
