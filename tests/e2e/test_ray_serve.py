@@ -172,6 +172,72 @@ def test_errors_and_metrics_behave_as_standalone(ray_app):
     assert "codellama_serve_requests_total" in httpx.get(ray_app.url + "/metrics").text
 
 
+# --- routing (the default: HAProxy ingress, engine.ray_router.CodeLlamaRouter) -------------
+
+SOURCE = Path(__file__).read_text()  # a file to "edit": far longer than one 128-token block
+
+
+def _replica(url: str, body: dict, headers: dict | None = None) -> str:
+    r = httpx.post(url + "/v1/completions", json=body, headers=headers, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.headers["x-codellama-replica"]
+
+
+def test_fim_requests_of_one_file_stay_on_one_replica(ray_app):
+    """Keystrokes down one file: each request's prefix extends the last one's, so
+    they share their leading blocks and go where those blocks are cached."""
+
+    def keystroke(cursor: int) -> dict:
+        return {"prompt": SOURCE[:cursor], "suffix": SOURCE[cursor : cursor + 300], "max_tokens": 4}
+
+    seen = {_replica(ray_app.url, keystroke(cursor)) for cursor in range(2500, 3700, 100)}
+    assert len(seen) == 1, seen
+
+
+def test_sessions_stay_on_one_replica(ray_app):
+    body = {"prompt": "def f():", "max_tokens": 4}
+    for session in ("s1", "s2", "s3"):
+        header = {_replica(ray_app.url, body, {"X-Session-Id": session}) for _ in range(6)}
+        assert len(header) == 1, (session, header)
+    for user in ("u1", "u2"):
+        assert len({_replica(ray_app.url, {**body, "user": user}) for _ in range(6)}) == 1
+
+
+async def _hold_stream(url: str, session: str, seen: list[str], all_seen: asyncio.Event,
+                       stop: asyncio.Event) -> None:  # fmt: skip
+    body = {"prompt": "def busy():", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    async with (
+        httpx.AsyncClient(base_url=url, timeout=120) as c,
+        c.stream("POST", "/v1/completions", json=body, headers={"X-Session-Id": session}) as r,
+    ):
+        seen.append(r.headers["x-codellama-replica"])
+        if len(seen) == 12:
+            all_seen.set()
+        async for _ in r.aiter_lines():
+            if stop.is_set():
+                break
+
+
+async def test_a_busy_replica_stops_receiving_the_sessions_traffic(ray_app):
+    """One session opening many long streams: affinity keeps it on its replica only
+    until that replica is routing_max_imbalance (4) requests ahead of the other."""
+    seen: list[str] = []
+    all_seen, stop = asyncio.Event(), asyncio.Event()
+    streams = []
+    try:
+        for _ in range(12):
+            streams.append(
+                asyncio.create_task(_hold_stream(ray_app.url, "hot", seen, all_seen, stop))
+            )
+            await asyncio.sleep(0.3)  # each one in flight before the next is routed
+        await asyncio.wait_for(all_seen.wait(), 60)
+    finally:
+        stop.set()
+        await asyncio.gather(*streams, return_exceptions=True)
+    assert len(set(seen)) == 2, seen
+    assert seen[:5] == [seen[0]] * 5, seen  # affinity first, within the bound
+
+
 async def _load(url: str, stop: asyncio.Event) -> None:
     body = {"prompt": "def busy():", "max_tokens": 400, "ignore_eos": True, "stream": True}
     async with httpx.AsyncClient(base_url=url, timeout=120) as c:
