@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from benchmarks.client import Target
-    from benchmarks.profiles import Profile
+    from benchmarks.harness.client import Target
+    from benchmarks.harness.profile import Profile
 
 # Heavy imports (numpy, httpx, pydantic models) wait until a bench command runs:
 # `codellama-serve serve` builds this parser too and should not pay for them.
@@ -175,7 +175,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_common(export, target=False)
     export.add_argument("--output", type=Path, required=True, help="the JSONL file to write")
     export.add_argument("--count", type=int, help="rows (default: the dataset's size)")
-    from benchmarks.fake_server import add_arguments as fake_args
+    from benchmarks.harness.fake_server import add_arguments as fake_args
 
     fake = sub.add_parser(
         "fake-server",
@@ -190,7 +190,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     import yaml
 
-    from benchmarks.profiles import set_dotted
+    from benchmarks.harness.profile import set_dotted
 
     o: dict[str, Any] = {}
 
@@ -241,7 +241,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def profile_from_args(args: argparse.Namespace, default: str = "default") -> Profile:
-    from benchmarks.profiles import Profile, deep_merge, read_profile_dict
+    from benchmarks.harness.profile import Profile, deep_merge, read_profile_dict
 
     name = args.profile or default
     data, _ = read_profile_dict(name)
@@ -289,7 +289,7 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _parse_target(spec: str, api_key: str | None) -> Target:
-    from benchmarks.client import Target
+    from benchmarks.harness.client import Target
 
     name, sep, url = spec.partition("=")
     if not sep:
@@ -302,8 +302,8 @@ def run_bench(args: argparse.Namespace) -> int:
     import yaml
     from pydantic import ValidationError
 
-    from benchmarks.client import Target
-    from benchmarks.profiles import bundled_profiles
+    from benchmarks.harness.client import Target
+    from benchmarks.harness.profile import bundled_profiles
 
     cmd = args.bench_command
     if cmd == "profiles":
@@ -312,7 +312,7 @@ def run_bench(args: argparse.Namespace) -> int:
             print(f"{name:14} {' '.join(str(desc).split())[:100]}")
         return 0
     if cmd == "fake-server":
-        from benchmarks.fake_server import serve
+        from benchmarks.harness.fake_server import serve
 
         return serve(args)
     if cmd == "export-dataset":
@@ -345,8 +345,8 @@ def run_bench(args: argparse.Namespace) -> int:
     import aiohttp
     import httpx
 
-    from benchmarks.report import run_markdown, write_run_report
-    from benchmarks.runner import Runner, WarmupFailed
+    from benchmarks.harness.report import run_markdown, write_run_report
+    from benchmarks.harness.runner import Runner, WarmupFailed
 
     try:
         result = _run_async(Runner(profile, target, log=log, **runner_kwargs).run(), args.loop)
@@ -377,8 +377,8 @@ def _compare(
     import aiohttp
     import httpx
 
-    from benchmarks.compare import compare, comparison_markdown, write_comparison
-    from benchmarks.runner import WarmupFailed
+    from benchmarks.harness.compare import compare, comparison_markdown, write_comparison
+    from benchmarks.harness.runner import WarmupFailed
 
     targets = [_parse_target(t, args.api_key) for t in args.target]
     try:
@@ -409,7 +409,7 @@ def _export(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from benchmarks.datasets import build_items, cycle, load_tokenizer
+    from benchmarks.harness.datasets import build_items, cycle, load_tokenizer
 
     try:
         profile = profile_from_args(args)

@@ -8,8 +8,8 @@ import httpx
 import orjson
 import pytest
 
-import benchmarks.client as client_mod
-from benchmarks.client import (
+import benchmarks.harness.client as client_mod
+from benchmarks.harness.client import (
     OpenAIClient,
     RequestRecord,
     SSEParser,
@@ -18,11 +18,11 @@ from benchmarks.client import (
     chunk_text,
     discover_model,
 )
-from benchmarks.datasets import RequestItem
-from benchmarks.fake_server import FakeOpenAI, FakeServerThread
-from benchmarks.metrics import tpot, ttft
-from benchmarks.profiles import RequestOptions
-from benchmarks.transport import HttpxTransport, make_transport
+from benchmarks.harness.datasets import RequestItem
+from benchmarks.harness.fake_server import FakeOpenAI, FakeServerThread
+from benchmarks.harness.metrics import tpot, ttft
+from benchmarks.harness.profile import RequestOptions
+from benchmarks.harness.transport import HttpxTransport, make_transport
 
 # ---------------------------------------------------------------- SSE
 

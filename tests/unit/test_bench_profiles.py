@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from benchmarks.profiles import (
+from benchmarks.harness.profile import (
     LengthDist,
     Profile,
     RateCurve,
@@ -21,7 +21,7 @@ from benchmarks.profiles import (
     trace_schedule,
     unit_renewal_points,
 )
-from benchmarks.runner import dispatch
+from benchmarks.harness.runner import dispatch
 
 
 def rng(seed: int = 0) -> np.random.Generator:

@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from benchmarks.client import Target
-from benchmarks.compare import compare, comparison_markdown, write_comparison
-from benchmarks.fake_server import FakeOpenAI, FakeServerThread
-from benchmarks.metrics import vllm_keys
-from benchmarks.profiles import Profile
-from benchmarks.report import run_markdown, write_run_report
-from benchmarks.runner import Runner, WarmupFailed
+from benchmarks.harness.client import Target
+from benchmarks.harness.compare import compare, comparison_markdown, write_comparison
+from benchmarks.harness.fake_server import FakeOpenAI, FakeServerThread
+from benchmarks.harness.metrics import vllm_keys
+from benchmarks.harness.profile import Profile
+from benchmarks.harness.report import run_markdown, write_run_report
+from benchmarks.harness.runner import Runner, WarmupFailed
 
 
 @pytest.fixture

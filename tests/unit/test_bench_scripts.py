@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from benchmarks import parity, ray_modes, soak
-from benchmarks.fake_server import FakeOpenAI, FakeServerThread
+from benchmarks.experiments import parity, ray_modes, soak
+from benchmarks.harness.fake_server import FakeOpenAI, FakeServerThread
 
 
 class FakeTarget:

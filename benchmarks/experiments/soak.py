@@ -1,8 +1,8 @@
 """Soak: a bounded run at ~80% of saturation, checking that nothing fails and
 nothing leaks.
 
-    python -m benchmarks.soak                     # make soak: 5 minutes at 80%
-    python -m benchmarks.soak --duration 60 --load 0.5
+    python -m benchmarks.experiments.soak                     # make soak: 5 minutes at 80%
+    python -m benchmarks.experiments.soak --duration 60 --load 0.5
 
 It starts our server on the demo model, measures its saturation throughput
 with the soak's own request mix (closed loop at `--probe-concurrency`, which
@@ -32,8 +32,8 @@ from typing import Any
 import httpx
 import psutil
 
-from benchmarks.serve_and_bench import ServerProcess, running_server
-from benchmarks.server_metrics import gauges_of, parse
+from benchmarks.experiments.serve_and_bench import ServerProcess, running_server
+from benchmarks.harness.server_metrics import gauges_of, parse
 
 MIB = 1 << 20
 IDLE_TIMEOUT_S = 10.0
@@ -155,7 +155,7 @@ def soak(server: ServerProcess, out: Path, args: argparse.Namespace) -> dict[str
     }
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.soak " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.experiments.soak " + " ".join(sys.argv[1:]),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "saturation_req_s": saturation,
         "saturation_output_tok_s": probe["output_throughput"],

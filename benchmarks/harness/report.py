@@ -17,8 +17,8 @@ matplotlib.use("Agg")  # files only; no display on servers and in CI
 import matplotlib.pyplot as plt
 import numpy as np
 
-from benchmarks import metrics as m
-from benchmarks.runner import RunResult
+from benchmarks.harness import metrics as m
+from benchmarks.harness.runner import RunResult
 
 LATENCY_NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2E"}
 

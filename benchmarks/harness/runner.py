@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import __version__
-from benchmarks.client import (
+from benchmarks.harness.client import (
     CPUMeter,
     GCFreezer,
     LoopLagMonitor,
@@ -33,7 +33,7 @@ from benchmarks.client import (
     now,
     retokenize,
 )
-from benchmarks.datasets import (
+from benchmarks.harness.datasets import (
     RequestItem,
     build_items,
     count_tokens,
@@ -41,8 +41,8 @@ from benchmarks.datasets import (
     load_tokenizer,
     trace_items,
 )
-from benchmarks.metrics import loop_lag_stats, summarize
-from benchmarks.profiles import (
+from benchmarks.harness.metrics import loop_lag_stats, summarize
+from benchmarks.harness.profile import (
     ConcurrentLoad,
     OpenLoopFields,
     Profile,
@@ -57,14 +57,14 @@ from benchmarks.profiles import (
     read_trace,
     trace_schedule,
 )
-from benchmarks.server_metrics import (
+from benchmarks.harness.server_metrics import (
     ServerMetricsRecorder,
     Snapshot,
     deltas,
     gauge_stats,
     gauges_of,
 )
-from benchmarks.transport import HttpLibrary, Transport, make_transport
+from benchmarks.harness.transport import HttpLibrary, Transport, make_transport
 
 SCHEDULE_LEAD_S = 0.005  # the schedule starts a moment after it is built
 

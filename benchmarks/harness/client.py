@@ -16,9 +16,9 @@ from typing import Any
 
 import orjson
 
-from benchmarks.datasets import RequestItem
-from benchmarks.profiles import RequestOptions
-from benchmarks.transport import Transport, TransportResponse
+from benchmarks.harness.datasets import RequestItem
+from benchmarks.harness.profile import RequestOptions
+from benchmarks.harness.transport import Transport, TransportResponse
 
 now = time.perf_counter  # monotonic, sub-microsecond: every timestamp comes from here
 

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.client import Target
-from benchmarks.profiles import Profile
-from benchmarks.report import f, plot_cdfs, run_to_json, write_json, write_run_report
-from benchmarks.runner import Runner, RunResult
+from benchmarks.harness.client import Target
+from benchmarks.harness.profile import Profile
+from benchmarks.harness.report import f, plot_cdfs, run_to_json, write_json, write_run_report
+from benchmarks.harness.runner import Runner, RunResult
 
 # (key, label, higher is better)
 COMPARE_METRICS: tuple[tuple[str, str, bool], ...] = (

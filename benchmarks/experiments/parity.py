@@ -7,9 +7,10 @@ the harness (`codellama-serve bench run`) plus the CPU seconds of the target's
 processes from /proc (frontend and engine separately) and of the load client,
 and writes a table of medians and ratios:
 
-    python -m benchmarks.parity                      # make parity
-    python -m benchmarks.parity --trials 5 --configs stream-64
-    python -m benchmarks.parity --targets ours,offline --configs stream-64   # issue 2's ratio
+    python -m benchmarks.experiments.parity                         # make parity
+    python -m benchmarks.experiments.parity --trials 5 --configs stream-64
+    python -m benchmarks.experiments.parity --targets ours,offline --configs stream-64
+                                                      # (the last: issue 2's ratio)
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from benchmarks.serve_and_bench import ServerProcess, free_port, start_server
+from benchmarks.experiments.serve_and_bench import ServerProcess, free_port, start_server
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODEL_NAME = "codellama-serve-demo"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -164,7 +165,8 @@ class OfflineTarget:
         """Start the worker and wait until its engine is up."""
         self._log = self.log_path.open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.parity", "--offline-worker", self.model_path],
+            [sys.executable, "-m", "benchmarks.experiments.parity",
+             "--offline-worker", self.model_path],
             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log,
             text=True, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(ENGINE["kv_cache_gib"])},
             start_new_session=True,
@@ -394,7 +396,7 @@ def write_report(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.parity", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.experiments.parity", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument(
         "--targets", default="ours,vllm,offline", help="comma-separated: ours, vllm, offline"
@@ -452,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
             t.stop()
     meta = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.parity " + " ".join(argv or sys.argv[1:]),
+        "command": "python -m benchmarks.experiments.parity " + " ".join(argv or sys.argv[1:]),
         "engine": ENGINE, "rounds": args.trials, "pin_client": args.pin_client,
     }  # fmt: skip
     write_report(out, "parity", trials, meta, markdown)

@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.client import now
-from benchmarks.transport import Transport
+from benchmarks.harness.client import now
+from benchmarks.harness.transport import Transport
 
 Labels = tuple[tuple[str, str], ...]
 Samples = dict[tuple[str, Labels], float]

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.profiles import DatasetSpec, LengthDist, TraceEntry
+from benchmarks.harness.profile import DatasetSpec, LengthDist, TraceEntry
 
 CHAT_TEMPLATE = "Complete this Python function:\n\n```python\n{prompt}```"
 

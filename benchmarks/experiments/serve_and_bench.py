@@ -1,6 +1,7 @@
 """Start a fresh server on the demo model, benchmark it with a profile, stop it.
 
-    python -m benchmarks.serve_and_bench [PROFILE] [--out DIR] [--server ours|vllm] [BENCH FLAGS]
+    python -m benchmarks.experiments.serve_and_bench [PROFILE] [--out DIR]
+        [--server ours|vllm] [BENCH FLAGS]
 
 What `make bench` runs. The server gets a free port and its own process
 group (so its engine process is stopped with it), its log goes next to the

@@ -2,8 +2,8 @@
 application with one replica, and Ray's own LLM app (`ray.serve.llm`), in one
 run, interleaved.
 
-    python -m benchmarks.ray_modes                   # make ray-bench
-    python -m benchmarks.ray_modes --trials 5 --stream-batching-ms 100
+    python -m benchmarks.experiments.ray_modes                   # make ray-bench
+    python -m benchmarks.experiments.ray_modes --trials 5 --stream-batching-ms 100
 
 Both Ray applications run in one local Ray instance behind the same Serve HTTP
 proxy (ours under /ours, Ray's under /rayllm), each with one replica owning
@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from benchmarks.parity import (
+from benchmarks.experiments.parity import (
     ENGINE,
     MODEL_NAME,
     LoadConfig,
@@ -36,10 +36,10 @@ from benchmarks.parity import (
     server_trial,
     write_report,
 )
-from benchmarks.serve_and_bench import ServerProcess, start_server
+from benchmarks.experiments.serve_and_bench import ServerProcess, start_server
 
 LOAD = LoadConfig("stream-64", concurrency=64, stream=True)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------- Ray driver
@@ -109,7 +109,7 @@ class RayTarget:
 
 def start_ray_apps(out: Path, stream_batching_ms: float | None) -> ServerProcess:
     port = free_port()
-    argv = [sys.executable, "-m", "benchmarks.ray_modes", "--ray-driver", str(port)]
+    argv = [sys.executable, "-m", "benchmarks.experiments.ray_modes", "--ray-driver", str(port)]
     if stream_batching_ms:
         argv += ["--stream-batching-ms", str(stream_batching_ms)]
     server = start_server(argv, {}, "/ours/ready", out / "ray.log", port, ready_timeout=600)
@@ -167,7 +167,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.ray_modes", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m benchmarks.experiments.ray_modes",
+                                description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--trials", type=int, default=3, help="interleaved rounds")
     p.add_argument(
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             ray_apps.stop(timeout=120)
     meta = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.ray_modes " + " ".join(argv or sys.argv[1:]),
+        "command": "python -m benchmarks.experiments.ray_modes " + " ".join(argv or sys.argv[1:]),
         "engine": ENGINE, "rounds": args.trials,
         "stream_batching_ms": args.stream_batching_ms,
     }  # fmt: skip
