@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from benchmarks.harness.client import Target
-    from benchmarks.harness.profile import Profile
+    from benchmarks.harness.profile.schema import Profile
 
 # Heavy imports (numpy, httpx, pydantic models) wait until a bench command runs:
 # `codellama-serve serve` builds this parser too and should not pay for them.
@@ -190,7 +190,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     import yaml
 
-    from benchmarks.harness.profile import set_dotted
+    from benchmarks.harness.profile.files import set_dotted
 
     o: dict[str, Any] = {}
 
@@ -241,7 +241,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def profile_from_args(args: argparse.Namespace, default: str = "default") -> Profile:
-    from benchmarks.harness.profile import Profile, deep_merge, read_profile_dict
+    from benchmarks.harness.profile.files import deep_merge, read_profile_dict
+    from benchmarks.harness.profile.schema import Profile
 
     name = args.profile or default
     data, _ = read_profile_dict(name)
@@ -303,7 +304,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from benchmarks.harness.client import Target
-    from benchmarks.harness.profile import bundled_profiles
+    from benchmarks.harness.profile.files import bundled_profiles
 
     cmd = args.bench_command
     if cmd == "profiles":

@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from benchmarks.harness.datasets import RequestItem
-from benchmarks.harness.profile import RequestOptions
+from benchmarks.harness.profile.schema import RequestOptions
 from benchmarks.harness.transport import Transport, TransportResponse
 
 now = time.perf_counter  # monotonic, sub-microsecond: every timestamp comes from here

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.harness.client import Target
-from benchmarks.harness.profile import Profile
+from benchmarks.harness.profile.schema import Profile
 from benchmarks.harness.report import f, plot_cdfs, run_to_json, write_json, write_run_report
 from benchmarks.harness.runner import Runner, RunResult
 

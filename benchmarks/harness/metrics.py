@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.harness.client import RequestRecord
-from benchmarks.harness.profile import SLO, Thresholds
+from benchmarks.harness.profile.schema import SLO, Thresholds
 
 MS = 1000.0
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")

@@ -42,21 +42,19 @@ from benchmarks.harness.datasets import (
     trace_items,
 )
 from benchmarks.harness.metrics import loop_lag_stats, summarize
-from benchmarks.harness.profile import (
+from benchmarks.harness.profile.arrivals import RateCurve, rate_schedule
+from benchmarks.harness.profile.schema import (
     ConcurrentLoad,
     OpenLoopFields,
     Profile,
     RampLoad,
-    RateCurve,
     RateLoad,
     StepsLoad,
     SweepLoad,
     SweepStop,
     TraceLoad,
-    rate_schedule,
-    read_trace,
-    trace_schedule,
 )
+from benchmarks.harness.profile.traces import read_trace, trace_schedule
 from benchmarks.harness.server_metrics import (
     ServerMetricsRecorder,
     Snapshot,

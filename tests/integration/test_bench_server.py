@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from benchmarks.harness.client import Target
-from benchmarks.harness.profile import Profile
+from benchmarks.harness.profile.schema import Profile
 from benchmarks.harness.runner import Runner
 
 

@@ -21,7 +21,7 @@ from benchmarks.harness.client import (
 from benchmarks.harness.datasets import RequestItem
 from benchmarks.harness.fake_server import FakeOpenAI, FakeServerThread
 from benchmarks.harness.metrics import tpot, ttft
-from benchmarks.harness.profile import RequestOptions
+from benchmarks.harness.profile.schema import RequestOptions
 from benchmarks.harness.transport import HttpxTransport, make_transport
 
 # ---------------------------------------------------------------- SSE

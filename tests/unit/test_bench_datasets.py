@@ -17,7 +17,8 @@ from benchmarks.harness.datasets import (
     synthetic_items,
     trace_items,
 )
-from benchmarks.harness.profile import DatasetSpec, LengthDist, TraceEntry
+from benchmarks.harness.profile.schema import DatasetSpec, LengthDist
+from benchmarks.harness.profile.traces import TraceEntry
 
 
 def no_tokenizer() -> None:

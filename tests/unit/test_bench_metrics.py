@@ -18,7 +18,7 @@ from benchmarks.harness.metrics import (
     ttft,
     vllm_keys,
 )
-from benchmarks.harness.profile import SLO, Thresholds
+from benchmarks.harness.profile.schema import SLO, Thresholds
 
 
 def rec(

@@ -13,7 +13,7 @@ from benchmarks.harness.client import Target
 from benchmarks.harness.compare import compare, comparison_markdown, write_comparison
 from benchmarks.harness.fake_server import FakeOpenAI, FakeServerThread
 from benchmarks.harness.metrics import vllm_keys
-from benchmarks.harness.profile import Profile
+from benchmarks.harness.profile.schema import Profile
 from benchmarks.harness.report import run_markdown, write_run_report
 from benchmarks.harness.runner import Runner, WarmupFailed
 
