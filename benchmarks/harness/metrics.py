@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness.client import RequestRecord
 from benchmarks.harness.profile.schema import SLO, Thresholds
+from benchmarks.harness.records import RequestRecord
 
 MS = 1000.0
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")

@@ -22,17 +22,8 @@ from typing import Any
 import numpy as np
 
 from benchmarks import __version__
-from benchmarks.harness.client import (
-    CPUMeter,
-    GCFreezer,
-    LoopLagMonitor,
-    OpenAIClient,
-    RequestRecord,
-    Target,
-    discover_model,
-    now,
-    retokenize,
-)
+from benchmarks.harness.client import OpenAIClient, Target, discover_model
+from benchmarks.harness.client_health import CPUMeter, GCFreezer, LoopLagMonitor
 from benchmarks.harness.datasets import (
     RequestItem,
     build_items,
@@ -55,6 +46,7 @@ from benchmarks.harness.profile.schema import (
     TraceLoad,
 )
 from benchmarks.harness.profile.traces import read_trace, trace_schedule
+from benchmarks.harness.records import RequestRecord, now, retokenize
 from benchmarks.harness.server_metrics import (
     ServerMetricsRecorder,
     Snapshot,

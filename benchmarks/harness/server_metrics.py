@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness.client import now
+from benchmarks.harness.records import now
 from benchmarks.harness.transport import Transport
 
 Labels = tuple[tuple[str, str], ...]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.harness.client import RequestRecord
 from benchmarks.harness.metrics import (
     distribution,
     e2e,
@@ -19,6 +18,7 @@ from benchmarks.harness.metrics import (
     vllm_keys,
 )
 from benchmarks.harness.profile.schema import SLO, Thresholds
+from benchmarks.harness.records import RequestRecord
 
 
 def rec(
