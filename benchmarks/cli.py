@@ -347,7 +347,8 @@ def run_bench(args: argparse.Namespace) -> int:
     import httpx
 
     from benchmarks.harness.report import run_markdown, write_run_report
-    from benchmarks.harness.runner import Runner, WarmupFailed
+    from benchmarks.harness.results import WarmupFailed
+    from benchmarks.harness.runner import Runner
 
     try:
         result = _run_async(Runner(profile, target, log=log, **runner_kwargs).run(), args.loop)
@@ -379,7 +380,7 @@ def _compare(
     import httpx
 
     from benchmarks.harness.compare import compare, comparison_markdown, write_comparison
-    from benchmarks.harness.runner import WarmupFailed
+    from benchmarks.harness.results import WarmupFailed
 
     targets = [_parse_target(t, args.api_key) for t in args.target]
     try:

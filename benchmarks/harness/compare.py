@@ -18,7 +18,8 @@ import numpy as np
 from benchmarks.harness.client import Target
 from benchmarks.harness.profile.schema import Profile
 from benchmarks.harness.report import f, plot_cdfs, run_to_json, write_json, write_run_report
-from benchmarks.harness.runner import Runner, RunResult
+from benchmarks.harness.results import RunResult
+from benchmarks.harness.runner import Runner
 
 # (key, label, higher is better)
 COMPARE_METRICS: tuple[tuple[str, str, bool], ...] = (

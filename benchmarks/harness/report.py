@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from benchmarks.harness import metrics as m
-from benchmarks.harness.runner import RunResult
+from benchmarks.harness.results import RunResult
 
 LATENCY_NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2E"}
 

@@ -15,7 +15,8 @@ from benchmarks.harness.fake_server import FakeOpenAI, FakeServerThread
 from benchmarks.harness.metrics import vllm_keys
 from benchmarks.harness.profile.schema import Profile
 from benchmarks.harness.report import run_markdown, write_run_report
-from benchmarks.harness.runner import Runner, WarmupFailed
+from benchmarks.harness.results import WarmupFailed
+from benchmarks.harness.runner import Runner
 
 
 @pytest.fixture
