@@ -346,7 +346,8 @@ def run_bench(args: argparse.Namespace) -> int:
     import aiohttp
     import httpx
 
-    from benchmarks.harness.report import run_markdown, write_run_report
+    from benchmarks.harness.report.as_markdown import run_markdown
+    from benchmarks.harness.report.write import write_run_report
     from benchmarks.harness.results import WarmupFailed
     from benchmarks.harness.runner import Runner
 

@@ -17,7 +17,10 @@ import numpy as np
 
 from benchmarks.harness.client import Target
 from benchmarks.harness.profile.schema import Profile
-from benchmarks.harness.report import f, plot_cdfs, run_to_json, write_json, write_run_report
+from benchmarks.harness.report.as_json import run_to_json, write_json
+from benchmarks.harness.report.as_markdown import f
+from benchmarks.harness.report.plots import plot_cdfs
+from benchmarks.harness.report.write import write_run_report
 from benchmarks.harness.results import RunResult
 from benchmarks.harness.runner import Runner
 

@@ -14,7 +14,8 @@ from benchmarks.harness.compare import compare, comparison_markdown, write_compa
 from benchmarks.harness.fake_server import FakeOpenAI, FakeServerThread
 from benchmarks.harness.metrics import vllm_keys
 from benchmarks.harness.profile.schema import Profile
-from benchmarks.harness.report import run_markdown, write_run_report
+from benchmarks.harness.report.as_markdown import run_markdown
+from benchmarks.harness.report.write import write_run_report
 from benchmarks.harness.results import WarmupFailed
 from benchmarks.harness.runner import Runner
 
