@@ -5,12 +5,12 @@ It starts every target itself, runs the trials interleaved (the order rotates
 each round so machine drift hits every target alike), measures each trial with
 the harness (`codellama-serve bench run`) plus the CPU seconds of the target's
 processes from /proc (frontend and engine separately) and of the load client,
-and writes a table of medians and ratios:
+and writes a table of medians and ratios (trials.py has what Ray modes shares):
 
-    python -m benchmarks.experiments.parity                         # make parity
+    python -m benchmarks.experiments.parity                       # make parity
     python -m benchmarks.experiments.parity --trials 5 --configs stream-64
     python -m benchmarks.experiments.parity --targets ours,offline --configs stream-64
-                                                      # (the last: issue 2's ratio)
+        # issue 2's ratio
 """
 
 from __future__ import annotations
@@ -20,31 +20,30 @@ import datetime as dt
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from benchmarks.experiments.serve_and_bench import ServerProcess, free_port, start_server
-
-ROOT = Path(__file__).resolve().parents[2]
-MODEL_NAME = "codellama-serve-demo"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-@dataclass(frozen=True)
-class LoadConfig:
-    name: str
-    concurrency: int
-    stream: bool
-    requests: int = 256
-    input_tokens: int = 32
-    output_tokens: int = 128
-
+from benchmarks.experiments.local_servers import free_port, vllm_command
+from benchmarks.experiments.trials import (
+    ENGINE,
+    ROOT,
+    LoadConfig,
+    ServerTarget,
+    Trial,
+    cpu_seconds,
+    descendants,
+    export_prompts,
+    fmt,
+    load_prompts,
+    ours,
+    ratio,
+    rotations,
+    server_trial,
+    write_report,
+)
 
 CONFIGS = {
     "stream-64": LoadConfig("stream-64", 64, True),
@@ -52,102 +51,18 @@ CONFIGS = {
     "nostream-256": LoadConfig("nostream-256", 256, False),
 }
 
-# The same engine settings for every target (our defaults on the demo model).
-# float32 is what our server picks for the demo model (vLLM's "auto" would be bfloat16).
-ENGINE = {
-    "max_model_len": 2048, "max_num_seqs": 256, "seed": 0, "kv_cache_gib": 1, "dtype": "float32",
-}  # fmt: skip
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process (its threads included), from /proc."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def descendants(pid: int) -> list[int]:
-    import psutil
-
-    try:
-        return [p.pid for p in psutil.Process(pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-@dataclass
-class Trial:
-    target: str
-    config: str
-    round: int
-    output_tok_s: float
-    median_ttft_ms: float | None
-    p99_ttft_ms: float | None
-    median_tpot_ms: float | None
-    output_tokens: int
-    failed: int
-    frontend_cpu_s: float
-    engine_cpu_s: float
-    client_cpu_s: float
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def per_token(self, cpu: float) -> float:
-        return cpu / self.output_tokens if self.output_tokens else float("nan")
-
 
 # ---------------------------------------------------------------- targets
 
 
-class ServerTarget:
-    """An OpenAI-compatible server in its own process group."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, log: Path):
-        self.name, self.argv, self.env, self.port, self.log_path = name, argv, env, port, log
-        self.server: ServerProcess | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        """Start it and wait until it serves."""
-        self.server = start_server(self.argv, self.env, "/v1/models", self.log_path, self.port)
-
-    def cpu(self) -> tuple[float, float]:
-        """(frontend, engine) CPU seconds: the server process, and its children."""
-        assert self.server is not None
-        pid = self.server.pid
-        return cpu_seconds(pid), sum(map(cpu_seconds, descendants(pid)))
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-
-
-def ours(log_dir: Path, name: str = "ours") -> ServerTarget:
-    port = free_port()
-    cmd = [
-        sys.executable, "-m", "engine", "serve", "--port", str(port), "--model", "demo",
-        "--max-model-len", str(ENGINE["max_model_len"]),
-        "--max-num-seqs", str(ENGINE["max_num_seqs"]),
-        "--seed", str(ENGINE["seed"]), "--cpu-kvcache-space-gib", str(ENGINE["kv_cache_gib"]),
-        # The queue bound must not refuse the 256-stream config's requests.
-        "--max-waiting-requests", "256",
-    ]  # fmt: skip
-    return ServerTarget(name, cmd, {}, port, log_dir / f"{name}.log")
-
-
 def vllm_server(model_path: str, log_dir: Path) -> ServerTarget:
     port = free_port()
-    cmd = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
-        "--served-model-name", MODEL_NAME, "--port", str(port),
+    cmd = vllm_command(
+        model_path, port,
         "--max-model-len", str(ENGINE["max_model_len"]),
         "--max-num-seqs", str(ENGINE["max_num_seqs"]),
         "--seed", str(ENGINE["seed"]), "--enforce-eager", "--dtype", ENGINE["dtype"],
-    ]  # fmt: skip
+    )  # fmt: skip
     env = {"VLLM_CPU_KVCACHE_SPACE": str(ENGINE["kv_cache_gib"])}
     return ServerTarget("vllm", cmd, env, port, log_dir / "vllm.log")
 
@@ -225,63 +140,6 @@ def offline_worker(model_path: str) -> int:
 # ---------------------------------------------------------------- trials
 
 
-def export_prompts(cfg: LoadConfig, out: Path) -> Path:
-    """The synthetic prompts every target gets (the harness's own generator)."""
-    path = out / f"prompts-{cfg.input_tokens}.jsonl"
-    if not path.exists():
-        subprocess.run(
-            [sys.executable, "-m", "engine", "bench", "export-dataset", "default",
-             "--dataset", "synthetic", "--input-tokens", str(cfg.input_tokens),
-             "--output-tokens", str(cfg.output_tokens), "--count", "1024",
-             "--output", str(path)],
-            cwd=ROOT, check=True, capture_output=True,
-        )  # fmt: skip
-    return path
-
-
-def load_prompts(path: Path) -> list[str]:
-    return [json.loads(line)["prompt"] for line in path.read_text().splitlines() if line.strip()]
-
-
-class Measurable(Protocol):
-    name: str
-
-    @property
-    def url(self) -> str: ...
-
-    def cpu(self) -> tuple[float, float]: ...
-
-
-def server_trial(
-    target: Measurable, cfg: LoadConfig, prompts: Path, out: Path, rnd: int, pin: str | None = None
-) -> Trial:
-    report_dir = out / f"{cfg.name}-{target.name}-{rnd}"
-    cmd = [
-        sys.executable, "-m", "engine", "bench", "run", "--base-url", target.url,
-        "--concurrency", str(cfg.concurrency), "--num-requests", str(cfg.requests),
-        "--duration", "600", "--dataset", "jsonl", "--dataset-path", str(prompts),
-        "--set", "dataset.shuffle=false", "--max-tokens", str(cfg.output_tokens), "--ignore-eos",
-        "--stream" if cfg.stream else "--no-stream", "--warmup", "0", "--no-progress",
-        "--no-plots", "--no-server-metrics", "--token-check", "never", "--quiet",
-        "--out", str(report_dir),
-    ]  # fmt: skip
-    if pin:
-        cmd = ["taskset", "-c", pin, *cmd]
-    fe0, en0 = target.cpu()
-    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
-    fe1, en1 = target.cpu()
-    r = json.loads((report_dir / "report.json").read_text())
-    tokens = r["total_output_tokens"]
-    return Trial(
-        target=target.name, config=cfg.name, round=rnd,
-        output_tok_s=r["output_throughput"], median_ttft_ms=r.get("median_ttft_ms"),
-        p99_ttft_ms=r.get("p99_ttft_ms"), median_tpot_ms=r.get("median_tpot_ms"),
-        output_tokens=tokens, failed=r["failed"],
-        frontend_cpu_s=fe1 - fe0, engine_cpu_s=en1 - en0,
-        client_cpu_s=r["client"]["cpu"]["cpu_s"],
-    )  # fmt: skip
-
-
 def offline_trial(target: OfflineTarget, cfg: LoadConfig, prompts: list[str], rnd: int) -> Trial:
     # Offline gets the batch the server keeps in flight: `concurrency` prompts at once.
     batch = prompts[: cfg.concurrency]
@@ -294,49 +152,7 @@ def offline_trial(target: OfflineTarget, cfg: LoadConfig, prompts: list[str], rn
     )  # fmt: skip
 
 
-def rotations(names: Sequence[str], rounds: int) -> Iterator[tuple[int, list[str]]]:
-    for rnd in range(rounds):
-        k = rnd % len(names)
-        yield rnd, [*names[k:], *names[:k]]
-
-
 # ---------------------------------------------------------------- report
-
-
-def _median(values: list[float | None]) -> float | None:
-    xs = [v for v in values if v is not None]
-    return statistics.median(xs) if xs else None
-
-
-def summarize(trials: list[Trial]) -> dict[str, dict[str, dict[str, float | None]]]:
-    out: dict[str, dict[str, dict[str, float | None]]] = {}
-    for t in trials:
-        out.setdefault(t.config, {}).setdefault(t.target, {})
-    for cfg, targets in out.items():
-        for name in targets:
-            mine = [t for t in trials if t.config == cfg and t.target == name]
-            targets[name] = {
-                "output_tok_s": _median([t.output_tok_s for t in mine]),
-                "median_ttft_ms": _median([t.median_ttft_ms for t in mine]),
-                "p99_ttft_ms": _median([t.p99_ttft_ms for t in mine]),
-                "median_tpot_ms": _median([t.median_tpot_ms for t in mine]),
-                "frontend_cpu_ms_per_tok": _median(
-                    [t.per_token(t.frontend_cpu_s) * 1e3 for t in mine]
-                ),
-                "engine_cpu_ms_per_tok": _median([t.per_token(t.engine_cpu_s) * 1e3 for t in mine]),
-                "client_cpu_ms_per_tok": _median([t.per_token(t.client_cpu_s) * 1e3 for t in mine]),
-                "trials": len(mine),
-                "failed": sum(t.failed for t in mine),
-            }
-    return out
-
-
-def _f(v: float | None, fmt: str = ",.1f") -> str:
-    return "–" if v is None else format(v, fmt)
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return "–" if a is None or not b else f"{a / b:.2f}×"
 
 
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -353,11 +169,11 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     for cfg, targets in summary.items():
         for name, s in targets.items():
             lines.append(
-                f"| {cfg} | {name} | {_f(s['output_tok_s'])} | {_f(s['median_ttft_ms'])} / "
-                f"{_f(s['p99_ttft_ms'])} | {_f(s['median_tpot_ms'], '.2f')} | "
-                f"{_f(s['frontend_cpu_ms_per_tok'], '.3f')} | "
-                f"{_f(s['engine_cpu_ms_per_tok'], '.3f')} | "
-                f"{_f(s['client_cpu_ms_per_tok'], '.3f')} |"
+                f"| {cfg} | {name} | {fmt(s['output_tok_s'])} | {fmt(s['median_ttft_ms'])} / "
+                f"{fmt(s['p99_ttft_ms'])} | {fmt(s['median_tpot_ms'], '.2f')} | "
+                f"{fmt(s['frontend_cpu_ms_per_tok'], '.3f')} | "
+                f"{fmt(s['engine_cpu_ms_per_tok'], '.3f')} | "
+                f"{fmt(s['client_cpu_ms_per_tok'], '.3f')} |"
             )
     lines += ["", "| Load | ours / vllm tok/s | ours / offline tok/s | TTFT median ours / vllm "
               "| TTFT p99 ours / vllm | TPOT ours / vllm | Frontend CPU/tok ours / vllm |",
@@ -365,31 +181,14 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     for cfg, t in summary.items():
         o, v, off = t.get("ours", {}), t.get("vllm", {}), t.get("offline", {})
         lines.append(
-            f"| {cfg} | {_ratio(o.get('output_tok_s'), v.get('output_tok_s'))} | "
-            f"{_ratio(o.get('output_tok_s'), off.get('output_tok_s'))} | "
-            f"{_ratio(o.get('median_ttft_ms'), v.get('median_ttft_ms'))} | "
-            f"{_ratio(o.get('p99_ttft_ms'), v.get('p99_ttft_ms'))} | "
-            f"{_ratio(o.get('median_tpot_ms'), v.get('median_tpot_ms'))} | "
-            f"{_ratio(o.get('frontend_cpu_ms_per_tok'), v.get('frontend_cpu_ms_per_tok'))} |"
+            f"| {cfg} | {ratio(o.get('output_tok_s'), v.get('output_tok_s'))} | "
+            f"{ratio(o.get('output_tok_s'), off.get('output_tok_s'))} | "
+            f"{ratio(o.get('median_ttft_ms'), v.get('median_ttft_ms'))} | "
+            f"{ratio(o.get('p99_ttft_ms'), v.get('p99_ttft_ms'))} | "
+            f"{ratio(o.get('median_tpot_ms'), v.get('median_tpot_ms'))} | "
+            f"{ratio(o.get('frontend_cpu_ms_per_tok'), v.get('frontend_cpu_ms_per_tok'))} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def write_report(
-    out: Path,
-    stem: str,
-    trials: list[Trial],
-    meta: dict[str, Any],
-    render: Callable[[dict[str, Any], dict[str, Any]], str],
-) -> None:
-    """<stem>.json (settings, medians, every trial) and <stem>.md (the tables), printed."""
-    summary = summarize(trials)
-    data = {"meta": meta, "summary": summary, "trials": [asdict(t) for t in trials]}
-    (out / f"{stem}.json").write_text(json.dumps(data, indent=2))
-    table = render(summary, meta)
-    (out / f"{stem}.md").write_text(table)
-    print(table)
-    print(f"report: {out / f'{stem}.md'}")
 
 
 # ---------------------------------------------------------------- main

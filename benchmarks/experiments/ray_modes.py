@@ -23,23 +23,23 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from benchmarks.experiments.parity import (
+from benchmarks.experiments.local_servers import ServerProcess, free_port, start_and_wait
+from benchmarks.experiments.trials import (
     ENGINE,
-    MODEL_NAME,
+    ROOT,
     LoadConfig,
     ServerTarget,
     Trial,
     export_prompts,
-    free_port,
     ours,
+    ratio,
     rotations,
     server_trial,
     write_report,
 )
-from benchmarks.experiments.serve_and_bench import ServerProcess, start_server
+from engine.config import DEMO_MODEL, DEMO_MODEL_NAME
 
 LOAD = LoadConfig("stream-64", concurrency=64, stream=True)
-ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------- Ray driver
@@ -60,7 +60,7 @@ def ray_driver(port: int, stream_batching_ms: float | None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     ours_settings = {
         "engine": {
-            "model": "demo", "max_model_len": ENGINE["max_model_len"],
+            "model": DEMO_MODEL, "max_model_len": ENGINE["max_model_len"],
             "max_num_seqs": ENGINE["max_num_seqs"], "seed": ENGINE["seed"],
             "cpu_kvcache_space_gib": ENGINE["kv_cache_gib"],
         },
@@ -73,7 +73,9 @@ def ray_driver(port: int, stream_batching_ms: float | None) -> int:
     )
     experimental = {"stream_batching_interval_ms": stream_batching_ms} if stream_batching_ms else {}
     llm_config = LLMConfig(
-        model_loading_config={"model_id": MODEL_NAME, "model_source": str(ensure_demo_model())},
+        model_loading_config={
+            "model_id": DEMO_MODEL_NAME, "model_source": str(ensure_demo_model()),
+        },
         accelerator_config={"kind": "cpu"},
         deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
         engine_kwargs={
@@ -89,7 +91,7 @@ def ray_driver(port: int, stream_batching_ms: float | None) -> int:
     )  # fmt: skip
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print("ready", flush=True)  # start_server polls the routes; this is for the log
+    print("ready", flush=True)  # start_and_wait polls the routes; this is for the log
     stop.wait()
     serve.shutdown()
     ray.shutdown()
@@ -100,7 +102,7 @@ class RayTarget:
     """One application of the Ray driver, as a target for `server_trial`."""
 
     def __init__(self, name: str, server: ServerProcess, prefix: str) -> None:
-        self.name, self.url = name, server.url + prefix
+        self.name, self.url = name, server.base_url + prefix
 
     def cpu(self) -> tuple[float, float]:
         # Both apps share the Ray processes: per-target CPU is not separable.
@@ -112,17 +114,15 @@ def start_ray_apps(out: Path, stream_batching_ms: float | None) -> ServerProcess
     argv = [sys.executable, "-m", "benchmarks.experiments.ray_modes", "--ray-driver", str(port)]
     if stream_batching_ms:
         argv += ["--stream-batching-ms", str(stream_batching_ms)]
-    server = start_server(argv, {}, "/ours/ready", out / "ray.log", port, ready_timeout=600)
+    server = start_and_wait(
+        argv, port, out / "ray.log", ready_path="/ours/ready", ready_timeout=600
+    )
     # Ray's app answers /v1/models once its engine is up.
-    server.wait_ready("/rayllm/v1/models", timeout=600)
+    server.wait_ready(600, path="/rayllm/v1/models")
     return server
 
 
 # ---------------------------------------------------------------- report
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return "–" if a is None or not b else f"{a / b:.2f}×"
 
 
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -151,14 +151,14 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         "| Ratio | Value | Target |",
         "|---|---:|---|",
         f"| ours in Ray / Ray LLM app, tok/s | "
-        f"{_ratio(ray_ours.get('output_tok_s'), ray_llm.get('output_tok_s'))} | ≥ 2× |",
+        f"{ratio(ray_ours.get('output_tok_s'), ray_llm.get('output_tok_s'))} | ≥ 2× |",
         f"| ours in Ray / standalone, tok/s | "
-        f"{_ratio(ray_ours.get('output_tok_s'), std.get('output_tok_s'))} | ≥ 0.8× |",
+        f"{ratio(ray_ours.get('output_tok_s'), std.get('output_tok_s'))} | ≥ 0.8× |",
         f"| ours in Ray / standalone, TPOT median | "
-        f"{_ratio(ray_ours.get('median_tpot_ms'), std.get('median_tpot_ms'))} | ≤ 1.5× |",
+        f"{ratio(ray_ours.get('median_tpot_ms'), std.get('median_tpot_ms'))} | ≤ 1.5× |",
         f"| median TTFT added by Ray (ours) | {added} | |",
         f"| Ray LLM app / standalone, tok/s | "
-        f"{_ratio(ray_llm.get('output_tok_s'), std.get('output_tok_s'))} | |",
+        f"{ratio(ray_llm.get('output_tok_s'), std.get('output_tok_s'))} | |",
     ]
     return "\n".join(lines) + "\n"
 
