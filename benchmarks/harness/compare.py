@@ -56,8 +56,8 @@ class Comparison:
             row: dict[str, Any] = {"metric": key, "label": label, "higher_is_better": higher}
             base_mean = None
             for t in self.targets:
-                vals = [r.summary.get(key) for r in self.results.get(t.label, [])]
-                vals = [v for v in vals if v is not None]
+                runs = self.results.get(t.label, [])
+                vals = [v for r in runs if (v := r.summary.get(key)) is not None]
                 mean = float(np.mean(vals)) if vals else None
                 row[t.label] = {
                     "mean": mean,

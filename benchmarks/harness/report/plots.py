@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -15,11 +14,12 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from benchmarks.harness import metrics as m
+from benchmarks.harness.records import RequestRecord
 from benchmarks.harness.report.as_markdown import LATENCY_NAMES
 from benchmarks.harness.results import RunResult
 
 
-def _latency_values(records: Sequence[Any]) -> dict[str, list[float]]:
+def _latency_values(records: Sequence[RequestRecord]) -> dict[str, list[float]]:
     ok = [r for r in records if r.ok]
     return {
         "ttft": [x * 1000 for r in ok if (x := m.ttft(r)) is not None],
@@ -29,7 +29,7 @@ def _latency_values(records: Sequence[Any]) -> dict[str, list[float]]:
     }
 
 
-def plot_cdfs(groups: dict[str, Sequence[Any]], path: Path, title: str) -> Path:
+def plot_cdfs(groups: Mapping[str, Sequence[RequestRecord]], path: Path, title: str) -> Path:
     """Latency CDFs (TTFT, TPOT, ITL, E2E), one line per group of records."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5))
     for ax, (key, name) in zip(axes.flat, LATENCY_NAMES.items(), strict=True):
@@ -62,8 +62,9 @@ def plot_timeline(result: RunResult, path: Path) -> Path:
     n = 3 if open_loop else 2
     fig, axes = plt.subplots(n, 1, figsize=(11, 2.8 * n), sharex=True)
     ax = axes[0]
-    ax.scatter([r.sent for r in ok], [m.e2e(r) * 1000 for r in ok], s=6, label="E2E")  # type: ignore[operator]
-    tt = [(r.sent, m.ttft(r)) for r in ok if m.ttft(r) is not None]
+    e2 = [(r.sent, x) for r in ok if (x := m.e2e(r)) is not None]  # every ok request has one
+    ax.scatter([a for a, _ in e2], [b * 1000 for _, b in e2], s=6, label="E2E")
+    tt = [(r.sent, x) for r in ok if (x := m.ttft(r)) is not None]
     if tt:
         ax.scatter([a for a, _ in tt], [b * 1000 for _, b in tt], s=6, label="TTFT")
     if bad:
