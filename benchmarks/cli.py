@@ -391,9 +391,6 @@ def _run(
     runner_kwargs: dict[str, Any],
     log: Callable[[str], None],
 ) -> int:
-    import aiohttp
-    import httpx
-
     from benchmarks.harness.client import Target
     from benchmarks.harness.report.as_markdown import run_markdown
     from benchmarks.harness.report.write import write_run_report
@@ -415,7 +412,7 @@ def _run(
     except WarmupFailed as e:
         print(f"codellama-serve bench: {e}", file=sys.stderr)
         return 2
-    except (OSError, RuntimeError, httpx.HTTPError, aiohttp.ClientError) as e:
+    except _run_errors() as e:
         print(f"codellama-serve bench: {target.api}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     out = _out_dir(args, profile.name)
@@ -439,9 +436,6 @@ def _compare(
     runner_kwargs: dict[str, Any],
     log: Callable[[str], None],
 ) -> int:
-    import aiohttp
-    import httpx
-
     from benchmarks.harness.compare import compare, comparison_markdown, write_comparison
     from benchmarks.harness.results import WarmupFailed
 
@@ -450,14 +444,7 @@ def _compare(
         cmp = _run_async(
             compare(profile, targets, args.trials, runner_kwargs=runner_kwargs, log=log), args.loop
         )
-    except (
-        WarmupFailed,
-        ValueError,
-        OSError,
-        RuntimeError,
-        httpx.HTTPError,
-        aiohttp.ClientError,
-    ) as e:
+    except _run_errors(WarmupFailed, ValueError) as e:
         print(f"codellama-serve bench: {e}", file=sys.stderr)
         return 2
     out = _out_dir(args, f"compare-{profile.name}")
@@ -466,6 +453,14 @@ def _compare(
         print(comparison_markdown(cmp))
         print(f"report: {paths['json']}  {paths['markdown']}", file=sys.stderr)
     return _exit_code(args, [r for runs in cmp.results.values() for r in runs])
+
+
+def _run_errors(*more: type[BaseException]) -> tuple[type[BaseException], ...]:
+    """What a run that cannot reach or use its target raises (a request's failure does not)."""
+    import aiohttp
+    import httpx
+
+    return (*more, OSError, RuntimeError, httpx.HTTPError, aiohttp.ClientError)
 
 
 def _export(args: argparse.Namespace) -> int:

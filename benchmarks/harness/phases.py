@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -71,26 +71,18 @@ class Phase:
     wall_s: float = 0.0
 
 
+@dataclass
 class PhaseRunner:
     """Runs the phases of one run against its client; keeps every record and phase."""
 
-    def __init__(
-        self,
-        profile: Profile,
-        client: OpenAIClient,
-        recorder: ServerMetricsRecorder,
-        monitor: LoopLagMonitor,
-        progress: Progress,
-        t0: float,
-    ) -> None:
-        self.profile = profile
-        self.client = client
-        self.recorder = recorder
-        self.monitor = monitor
-        self.progress = progress
-        self.t0 = t0
-        self.records: list[RequestRecord] = []
-        self.phases: list[Phase] = []
+    profile: Profile
+    client: OpenAIClient
+    recorder: ServerMetricsRecorder
+    monitor: LoopLagMonitor
+    progress: Progress
+    t0: float  # the run's start: record times are seconds from it
+    records: list[RequestRecord] = field(default_factory=list)
+    phases: list[Phase] = field(default_factory=list)
 
     async def run(
         self, plan: OpenPlan | ClosedPlan, items: Iterator[RequestItem], step_base: int
