@@ -16,7 +16,6 @@ and writes a table of medians and ratios (trials.py has what Ray modes shares):
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import signal
@@ -40,11 +39,14 @@ from benchmarks.experiments.trials import (
     load_prompts,
     ours,
     ratio,
+    results_dir,
     rotations,
+    run_meta,
     server_trial,
     write_report,
 )
 
+PROG = "python -m benchmarks.experiments.parity"
 CONFIGS = {
     "stream-64": LoadConfig("stream-64", 64, True),
     "stream-256": LoadConfig("stream-256", 256, True),
@@ -195,8 +197,9 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.experiments.parity", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument(
         "--targets", default="ours,vllm,offline", help="comma-separated: ours, vllm, offline"
     )
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.demo_model import ensure_demo_model
 
     model_path = str(ensure_demo_model())
-    out = args.out or ROOT / "results" / "parity" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.out or results_dir("parity")
     out.mkdir(parents=True, exist_ok=True)
     configs = [CONFIGS[c] for c in args.configs.split(",")]
     names = args.targets.split(",")
@@ -251,11 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for t in targets.values():
             t.stop()
-    meta = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.experiments.parity " + " ".join(argv or sys.argv[1:]),
-        "engine": ENGINE, "rounds": args.trials, "pin_client": args.pin_client,
-    }  # fmt: skip
+    meta = run_meta(PROG, argv, args.trials, pin_client=args.pin_client)
     write_report(out, "parity", trials, meta, markdown)
     return 0
 

@@ -16,7 +16,6 @@ issue 6's: streaming /v1/completions, 64 concurrent, 32-token prompts,
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import signal
 import sys
 import threading
@@ -26,19 +25,21 @@ from typing import Any
 from benchmarks.experiments.local_servers import ServerProcess, free_port, start_and_wait
 from benchmarks.experiments.trials import (
     ENGINE,
-    ROOT,
     LoadConfig,
     ServerTarget,
     Trial,
     export_prompts,
     ours,
     ratio,
+    results_dir,
     rotations,
+    run_meta,
     server_trial,
     write_report,
 )
 from engine.config import DEMO_MODEL, DEMO_MODEL_NAME
 
+PROG = "python -m benchmarks.experiments.ray_modes"
 LOAD = LoadConfig("stream-64", concurrency=64, stream=True)
 
 
@@ -167,9 +168,9 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.experiments.ray_modes",
-                                description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--trials", type=int, default=3, help="interleaved rounds")
     p.add_argument(
         "--stream-batching-ms", type=float, default=None,
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ray_driver:
         return ray_driver(args.ray_driver, args.stream_batching_ms)
 
-    out = args.out or ROOT / "results" / "ray" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.out or results_dir("ray")
     out.mkdir(parents=True, exist_ok=True)
     standalone = ours(out, "standalone")
     ray_apps: ServerProcess | None = None
@@ -206,12 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         standalone.stop()
         if ray_apps is not None:
             ray_apps.stop(timeout=120)
-    meta = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.experiments.ray_modes " + " ".join(argv or sys.argv[1:]),
-        "engine": ENGINE, "rounds": args.trials,
-        "stream_batching_ms": args.stream_batching_ms,
-    }  # fmt: skip
+    meta = run_meta(PROG, argv, args.trials, stream_batching_ms=args.stream_batching_ms)
     write_report(out, "ray_modes", trials, meta, markdown)
     return 0
 

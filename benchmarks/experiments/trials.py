@@ -5,10 +5,12 @@ rotating order of rounds, and the medians and ratios of the report."""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import statistics
 import subprocess
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -239,6 +241,22 @@ def fmt(v: float | None, spec: str = ",.1f") -> str:
 
 def ratio(a: float | None, b: float | None) -> str:
     return "–" if a is None or not b else f"{a / b:.2f}×"
+
+
+def results_dir(kind: str) -> Path:
+    """results/<kind>/<time> in the repository: where a report goes by default."""
+    return ROOT / "results" / kind / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def run_meta(prog: str, argv: list[str] | None, rounds: int, **extra: Any) -> dict[str, Any]:
+    """A report's meta: when, the command, the engine settings, the rounds, then `extra`."""
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": f"{prog} " + " ".join(argv or sys.argv[1:]),
+        "engine": ENGINE,
+        "rounds": rounds,
+        **extra,
+    }
 
 
 def write_report(
