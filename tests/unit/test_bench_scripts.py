@@ -78,6 +78,38 @@ def test_ray_modes_table_has_the_issue_ratios() -> None:
     assert "| ours in Ray / standalone, tok/s | 0.90× |" in table
 
 
+def test_ray_modes_table_checks_each_ingress_against_the_goals() -> None:
+    def at(target: str, tok_s: float, ttft: float, p99: float) -> Trial:
+        t = trial(target, "stream-64", tok_s)
+        t.median_ttft_ms, t.p99_ttft_ms = ttft, p99
+        return t
+
+    trials = [
+        at("standalone", 1000, 100, 400),
+        at("ray-ours", 950, 140, 700),  # haproxy, coalescing off: every goal met
+        at("ray-proxy-c0", 500, 400, 2000),  # proxy, coalescing off: none met
+        at("ray-proxy-c100", 900, 300, 900),  # coalescing on: not a goal row
+    ]
+    table = ray_modes.markdown(
+        summarize(trials), {"date": "d", "command": "c", "engine": {}, "rounds": 1}
+    )
+    assert "| ray-ours | ✓ 0.95× | ✓ +40 ms | ✓ 1.75× |" in table
+    assert "| ray-proxy-c0 | ✗ 0.50× | ✗ +300 ms | ✗ 5.00× |" in table
+    assert "| ray-proxy-c100 | ✓" not in table
+    assert "| ray-proxy-c100 | proxy: Ray's Python proxy | 100 ms | 900 | 0.90× |" in table
+    assert "serve --ray's default" in table
+
+
+def test_ray_modes_names_every_mode_and_target() -> None:
+    assert ray_modes.target_name("haproxy", 0) == ray_modes.DEFAULT_TARGET
+    assert ray_modes.target_name("direct", 100) == "ray-direct-c100"
+    # The default mode's env is what `serve --ray` sets for its defaults.
+    from engine.config import build_settings
+    from engine.ray_config import ingress_env
+
+    assert ray_modes.MODES["haproxy"].env == ingress_env(build_settings(env={}))
+
+
 def test_soak_memory_of_this_process() -> None:
     m = soak.Memory.of(os.getpid())
     assert m.frontend_mib > 10 and m.engine_mib >= 0
