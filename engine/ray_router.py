@@ -60,7 +60,7 @@ class CodeLlamaRouter(RequestRouter):
         self._kv_limit = kv_cache_threshold
         self._probed: dict[str, tuple[float, int]] = {}  # replica -> (when, queue length)
         self._routed_since: dict[str, int] = {}
-        self._metrics = _RouterMetrics()
+        self._metrics = _RouterMetrics(self._deployment_id.app_name)
         self._failures = 0
 
     # -- Ray's hooks
@@ -192,21 +192,28 @@ def _session(pending: PendingRequest | None, body: Mapping[str, Any] | None) -> 
 class _RouterMetrics:
     """The router's decisions as Ray metrics (exported by each node's metrics agent)."""
 
-    def __init__(self) -> None:
+    def __init__(self, app: str) -> None:
         from ray.util.metrics import Counter
 
         self.decisions = Counter(
             "codellama_serve_router_decisions",
             description="Routing decisions by reason (session, prefix, balance) and by the "
             "load guard's override (none, session, prefix).",
-            tag_keys=("reason", "guard"),
+            tag_keys=("application", "reason", "guard"),
         )
         self.matched_blocks = Counter(
             "codellama_serve_router_matched_blocks",
             description="Prompt blocks the chosen replica was believed to hold.",
+            tag_keys=("application",),
         )
+        self.app = app
 
     def observe(self, decision: Decision) -> None:
-        self.decisions.inc(1, tags={"reason": decision.reason, "guard": decision.guard or "none"})
+        tags = {
+            "application": self.app,
+            "reason": decision.reason,
+            "guard": decision.guard or "none",
+        }
+        self.decisions.inc(1, tags=tags)
         if decision.matched_blocks:
-            self.matched_blocks.inc(decision.matched_blocks)
+            self.matched_blocks.inc(decision.matched_blocks, tags={"application": self.app})

@@ -238,6 +238,33 @@ async def test_a_busy_replica_stops_receiving_the_sessions_traffic(ray_app):
     assert seen[:5] == [seen[0]] * 5, seen  # affinity first, within the bound
 
 
+def _ray_metrics() -> str:
+    """Ray's metrics endpoint of this machine's node (the fixture's Ray: the lock holds
+    off any other)."""
+    (port_file,) = Path("/tmp/ray/session_latest").glob("metrics_export_port_*")
+    return httpx.get(f"http://127.0.0.1:{port_file.read_text().strip()}/metrics", timeout=10).text
+
+
+def test_router_decisions_are_ray_metrics(ray_app):
+    """The router runs in Ray's ingress router replica: its decisions are exported by
+    Ray's metrics agent (with Ray's `ray_` prefix), by reason and load-guard override."""
+    deadline = time.monotonic() + 60
+    while True:
+        text = _ray_metrics()
+        series = [
+            line for line in text.splitlines()
+            if line.startswith("ray_codellama_serve_router_decisions_total{")
+        ]  # fmt: skip
+        reasons = {
+            r for r in ("prefix", "session", "balance") if any(f'reason="{r}"' in s for s in series)
+        }
+        if len(reasons) == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert reasons == {"prefix", "session", "balance"}, series
+    assert any('guard="session"' in s for s in series), series  # the busy replica's override
+
+
 async def _load(url: str, stop: asyncio.Event) -> None:
     body = {"prompt": "def busy():", "max_tokens": 400, "ignore_eos": True, "stream": True}
     async with httpx.AsyncClient(base_url=url, timeout=120) as c:
