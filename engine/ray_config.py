@@ -22,6 +22,8 @@ REQUEST_ROUTERS = {
     "codellama": "engine.ray_router.CodeLlamaRouter",
     "ray_prefix": "ray.serve.llm.request_router.PrefixCacheAffinityRouter",
 }
+# Prompts with more characters per context token than this get no routing key.
+MAX_CHARS_PER_TOKEN = 16
 # How often each replica reports its routing stats (engine.ray_serve.record_routing_stats).
 ROUTING_STATS_PERIOD_S = 1.0
 # Ray's resource name for a GPU type; a tiny amount only pins the node type.
@@ -107,6 +109,8 @@ def request_router_config(settings: ResolvedSettings) -> dict[str, Any] | None:
             "session_affinity": routing.routing_session_affinity,
             "target_waiting_per_replica": r.target_waiting_per_replica,
             "kv_cache_threshold": r.kv_cache_scale_up_threshold,
+            # Far more text than the context holds (a token is ~4 characters of code).
+            "max_prompt_chars": MAX_CHARS_PER_TOKEN * (e.max_model_len or 0) or None,
         }  # fmt: skip
     return {
         "request_router_class": cls,

@@ -18,6 +18,7 @@ itself is `engine.prefix_routing`'s.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Mapping
 from types import SimpleNamespace
@@ -50,6 +51,7 @@ class CodeLlamaRouter(RequestRouter):
         session_affinity: bool = True,
         target_waiting_per_replica: float = 8.0,
         kv_cache_threshold: float = 0.9,
+        max_prompt_chars: int | None = None,
     ) -> None:
         self.policy = PrefixAffinity(
             PolicyConfig(max_imbalance, max_imbalance_ratio, session_affinity)
@@ -58,6 +60,7 @@ class CodeLlamaRouter(RequestRouter):
         self._prompts: CodeLlamaPrompts | None = None
         self._waiting_limit = target_waiting_per_replica
         self._kv_limit = kv_cache_threshold
+        self._max_chars = max_prompt_chars
         self._probed: dict[str, tuple[float, int]] = {}  # replica -> (when, queue length)
         self._routed_since: dict[str, int] = {}
         self._metrics = _RouterMetrics(self._deployment_id.app_name)
@@ -74,11 +77,11 @@ class CodeLlamaRouter(RequestRouter):
             return []
         try:
             chosen = await self._choose(candidate_replicas, pending_request)
-        except Exception:  # never fail a request over routing: balance instead
+        except Exception:  # never fail a request over routing: spread it instead
             self._failures += 1
             if self._failures == 1 or self._failures % 1000 == 0:
-                log.exception("routing failed (%d times); balancing by load", self._failures)
-            return [candidate_replicas]
+                log.exception("routing failed (%d times); routing at random", self._failures)
+            return [random.sample(candidate_replicas, len(candidate_replicas))]
         rest = [r for r in candidate_replicas if r is not chosen]
         # Ray takes the first of the first rank (ingress router), or falls back along
         # the ranks when a replica refuses (proxy).
@@ -117,7 +120,7 @@ class CodeLlamaRouter(RequestRouter):
         block_size = max((_stat(r, "block_size") for r in candidates), default=0)
         if body is None or block_size <= 0:  # no body, or no engine reported yet
             return []
-        ids = engine_prompt(self.prompts, body)
+        ids = engine_prompt(self.prompts, body, self._max_chars)
         return block_hashes(ids, int(block_size)) if ids else []
 
     async def _states(self, candidates: list[RunningReplica]) -> list[ReplicaState]:

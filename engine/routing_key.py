@@ -24,8 +24,14 @@ from engine.api.schemas import ChatCompletionRequest, CompletionRequest
 from engine.codellama import ChatMessage, CodeLlamaPrompts, PromptError
 
 
-def engine_prompt(prompts: CodeLlamaPrompts, body: Mapping[str, Any]) -> list[int] | None:
-    """The token ids of the (first) engine request `body` makes, or None if it makes none."""
+def engine_prompt(
+    prompts: CodeLlamaPrompts, body: Mapping[str, Any], max_chars: int | None = None
+) -> list[int] | None:
+    """The token ids of the (first) engine request `body` makes, or None if it makes none
+    (or if its text is longer than `max_chars`: a prompt far beyond the context window is
+    refused by the replica anyway, and tokenizing it would stall the router)."""
+    if max_chars is not None and _text_size(body) > max_chars:
+        return None
     try:
         if "messages" in body:
             chat = ChatCompletionRequest.model_validate(body)
@@ -44,6 +50,21 @@ def engine_prompt(prompts: CodeLlamaPrompts, body: Mapping[str, Any]) -> list[in
         except PromptError:
             return None
     return prompts.completion(first)
+
+
+def _text_size(body: Mapping[str, Any]) -> int:
+    """Characters of prompt text in a body, counted before anything is parsed."""
+
+    def size(value: Any) -> int:
+        if isinstance(value, str):
+            return len(value)
+        if isinstance(value, list):
+            return sum(size(v) for v in value)
+        if isinstance(value, dict):
+            return size(value.get("content")) + size(value.get("text"))
+        return 0
+
+    return size(body.get("prompt")) + size(body.get("suffix")) + size(body.get("messages"))
 
 
 def session_key(body: Mapping[str, Any]) -> str | None:

@@ -171,4 +171,4 @@ async def test_routing_errors_never_fail_a_request(router, monkeypatch):
 
     monkeypatch.setattr(router.policy, "choose", broken)
     ranks = await router.choose_replicas([a, b], request(fim(3000)))
-    assert ranks == [[a, b]]
+    assert len(ranks) == 1 and sorted(map(id, ranks[0])) == sorted(map(id, [a, b]))

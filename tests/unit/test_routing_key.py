@@ -107,6 +107,16 @@ def test_requests_the_api_refuses_have_no_key(prompts, body):
     assert engine_prompt(prompts, body) is None
 
 
+def test_text_far_beyond_the_context_gets_no_key(prompts):
+    """The router does not tokenize what the replica will refuse (400: context length)."""
+    body = {"prompt": "x" * 600, "suffix": "y" * 500}
+    assert engine_prompt(prompts, body, max_chars=1000) is None
+    assert engine_prompt(prompts, body, max_chars=1100) is not None
+    chat = {"messages": [{"role": "user", "content": [{"type": "text", "text": "z" * 900}]}]}
+    assert engine_prompt(prompts, chat, max_chars=800) is None
+    assert engine_prompt(prompts, chat, max_chars=900) is not None
+
+
 def test_session_key_is_the_user_field():
     assert session_key({"user": "alice"}) == "alice"
     assert session_key({"user": ""}) is None
