@@ -15,12 +15,14 @@ Ray when its engine has died.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from http import HTTPStatus
 from typing import Any, Literal
 
@@ -216,7 +218,8 @@ def build_app(args: dict[str, Any]) -> Application:
         raw = json.loads(raw)
     settings = _with_cluster_ingress(build_settings(file_values=raw))
     resolved = resolve(settings, gpu=use_gpu(settings), mode="ray")
-    deployment = serve.deployment(CodeLlamaServer).options(**deployment_options(resolved))
+    with _own_logging():  # ray_prefix's router class is ray.serve.llm's
+        deployment = serve.deployment(CodeLlamaServer).options(**deployment_options(resolved))
     # Replicas get what was set, not the resolved values: they resolve it again with the
     # same function and `gpu` (their env supplies the API keys, never sent as args).
     app = deployment.bind(settings_args(settings), resolved.gpu)
@@ -225,10 +228,24 @@ def build_app(args: dict[str, Any]) -> Application:
     # HAProxy asks this deployment where each POST goes; it hands the parsed body to our
     # deployment's request router (`pending_request.args`), then HAProxy forwards the
     # request to the chosen replica's own HTTP server.
-    from ray.llm._internal.serve.core.ingress.router import LLMRouter
+    with _own_logging():
+        from ray.llm._internal.serve.core.ingress.router import LLMRouter
 
     router = serve.deployment(LLMRouter).options(**ingress_router_options())
     return app._with_ingress_request_router(router.bind(server=app))
+
+
+@contextlib.contextmanager
+def _own_logging() -> Iterator[None]:
+    """Importing ray.serve.llm replaces the root logger's handlers with Ray's JSON one (its
+    `setup_observability`): this process keeps the logging it had."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        yield
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
 
 
 def _with_cluster_ingress(settings: Settings) -> Settings:

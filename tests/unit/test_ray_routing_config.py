@@ -97,6 +97,24 @@ def test_build_app_wires_the_ingress_router_behind_haproxy(monkeypatch):
     assert settings_arg["routing"]["ray_ingress"] == "haproxy"
 
 
+def test_build_app_keeps_this_processs_logging():
+    """Importing ray.serve.llm makes the root logger Ray's JSON one; `serve --ray` logs
+    plain lines (and its e2e test reads them). A fresh process: the import happens once."""
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, os; from engine.logs import configure_logging; configure_logging('info');"
+        "os.environ.update(RAY_SERVE_ENABLE_HA_PROXY='1');"
+        "from engine.ray_serve import build_app;"
+        "build_app({'settings': {'engine': {'model': 'demo'},"
+        " 'routing': {'ray_router': 'ray_prefix'}}});"
+        "logging.getLogger('engine.ray').info('replicas: RUNNING=2')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert " INFO engine.ray: replicas: RUNNING=2" in out.stderr, out.stderr[-2000:]
+
+
 def test_build_app_behind_ray_proxy_routes_on_the_deployment_handle(monkeypatch):
     from engine import ray_serve
 
