@@ -277,6 +277,13 @@ class RoutingConfig(Section):
         "(docs/performance.md). `serve --ray` starts its Ray with it; a cluster you join "
         "(or KubeRay) must be started with its env (RAY_SERVE_ENABLE_HA_PROXY=1, see README).",
     )
+    ray_app_thread: bool = Field(
+        False,
+        description="Run the app on a thread of its own in each replica (Ray Serve's default, "
+        "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=1), so that every ASGI message crosses "
+        "threads. Off: the app shares the replica's event loop with Ray's HTTP server, as "
+        "standalone (docs/performance.md); Ray's health checks then wait for the app's loop.",
+    )
     ray_router: Literal["codellama", "default", "ray_prefix"] = Field(
         "codellama",
         description="Which replica serves a request. codellama: prefix-cache and session "

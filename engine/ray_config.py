@@ -133,12 +133,20 @@ def deployment_options(settings: ResolvedSettings) -> dict[str, Any]:
     """Keyword arguments for `serve.deployment(...).options(...)`."""
     r = settings.ray
     router = request_router_config(settings)
+    where = placement(settings)
+    if not settings.routing.ray_app_thread:
+        # Ray reads it when the replica's process starts: set for this deployment only.
+        env = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+        where["ray_actor_options"] = {
+            **where["ray_actor_options"],
+            "runtime_env": {"env_vars": env},
+        }
     return {
         "name": DEPLOYMENT_NAME,
         **({"request_router_config": router} if router is not None else {}),
         "autoscaling_config": autoscaling_config(settings),
         "max_ongoing_requests": r.max_ongoing_requests,
-        **placement(settings),
+        **where,
         "health_check_period_s": r.health_check_period_s,
         "health_check_timeout_s": r.health_check_timeout_s,
         # In-flight requests get the drain timeout to finish on scale-down.

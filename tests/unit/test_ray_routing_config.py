@@ -125,3 +125,15 @@ def test_build_app_behind_ray_proxy_routes_on_the_deployment_handle(monkeypatch)
     with pytest.raises(ConfigError, match="haproxy"):
         ray_serve.build_app({"settings": {"engine": {"model": "demo"},
                                           "routing": {"ray_router": "ray_prefix"}}})  # fmt: skip
+
+
+def test_the_app_shares_the_replicas_loop_unless_asked_for_a_thread():
+    def actor_options(**routing):
+        return deployment_options(resolve(settings(**routing), gpu=False, mode="ray"))[
+            "ray_actor_options"
+        ]
+
+    env = actor_options()["runtime_env"]["env_vars"]
+    assert env == {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
+    assert actor_options()["num_cpus"] == 1.0  # placement's options kept
+    assert "runtime_env" not in actor_options(ray_app_thread=True)
