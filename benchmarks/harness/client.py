@@ -156,9 +156,18 @@ class OpenAIClient:
         return rec
 
     async def _read_stream(self, resp: TransportResponse, rec: RequestRecord) -> None:
+        texts: list[str] = []
+        try:
+            await self._read_events(resp, rec, texts)
+        finally:  # a stream cut short (cancelled) keeps the text it had
+            if not rec.text:
+                rec.text = "".join(texts)
+
+    async def _read_events(
+        self, resp: TransportResponse, rec: RequestRecord, texts: list[str]
+    ) -> None:
         t0 = self.t0
         parser = SSEParser()
-        texts: list[str] = []
         done = False
         async for raw in resp.chunks():
             t = now() - t0  # every event in this network read arrived now

@@ -1,9 +1,10 @@
 """The `shared-prefix` dataset: G groups, each sharing a prefix of exactly P tokens
 (a repo context, or a long system prompt), each request with a tail of its own.
 
-Counts are the tokenizer's: the prefix is P tokens on its own, and the first P
-tokens of every prompt of its group are exactly the prefix's (a completions
-prefix ends with a newline, a token boundary, so the tail never merges into it).
+Counts are the tokenizer's: the prefix is P tokens on its own, and every prompt
+of its group is exactly the prefix's P tokens followed by T tokens of its own
+tail (a completions prefix ends with a newline, a token boundary, so the tail
+never merges into it). A chat's system prompt is P tokens, its user turn T.
 """
 
 from __future__ import annotations
@@ -96,8 +97,13 @@ def _distinct_tail(
         tail = texts.exact(spec.tail_tokens, ends_with_newline=False)
         if tail in seen:
             continue
-        if not spec.chat and _ids(tokenizer, prefix + tail)[: len(prefix_ids)] != prefix_ids:
-            continue
+        if not spec.chat:  # in the prompt: the prefix's tokens intact, then exactly the tail's
+            full = _ids(tokenizer, prefix + tail)
+            if (
+                full[: len(prefix_ids)] != prefix_ids
+                or len(full) != len(prefix_ids) + spec.tail_tokens
+            ):
+                continue
         seen.add(tail)
         return tail
     raise ValueError("shared-prefix: could not draw distinct tails (tail_tokens too small?)")

@@ -30,6 +30,8 @@ def _g(v: float | None) -> str:
 def _offered_text(offered: dict[str, Any]) -> str:
     if "concurrency" in offered:
         return f"closed loop, concurrency {offered['concurrency']}"
+    if "sessions" in offered:
+        return f"{offered['sessions']} sessions"
     if offered.get("offered_rate") is None:
         return "–"
     text = f"{offered['offered_rate']:.4g} req/s"
@@ -143,6 +145,9 @@ def server_table(server: dict[str, Any]) -> list[str]:
         ("generation_tokens", "generated tokens"),
         ("prompt_tokens", "prompt tokens"),
         ("aborted", "requests aborted"),
+        ("aborted_generation_tokens", "tokens generated for aborted requests"),
+        ("prefix_cache_hits", "prefix-cache hits (tokens)"),
+        ("prefix_cache_queries", "prefix-cache queries (tokens)"),
         ("preemptions", "preemptions"),
         ("process_cpu_seconds", "server process CPU (s)"),
     ):
@@ -229,6 +234,9 @@ def run_markdown(result: RunResult, plots: Sequence[str] = ()) -> str:
             "requests within SLO.",
             "",
         ]
+    from benchmarks.harness.report.sections import sections_markdown
+
+    lines += sections_markdown(result)
     lines += ["## Server", "", *server_table(result.server), ""]
     lines += ["## Client", "", *client_table(result.client), ""]
     src, tc = s["output_token_source"], s["token_check"]
