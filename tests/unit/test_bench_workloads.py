@@ -94,9 +94,9 @@ def test_a_mix_repeats_and_stops_its_parts() -> None:
 
 
 def test_session_datasets_need_a_sessions_load_and_a_duration() -> None:
-    with pytest.raises(ValidationError, match="run with `load: {type: sessions}`"):
+    with pytest.raises(ValidationError, match=r"run with `load: \{type: sessions\}`"):
         Profile.model_validate({"dataset": {"type": "editor"}, "num_requests": 3})
-    with pytest.raises(ValidationError, match="run with `load: {type: sessions}`"):
+    with pytest.raises(ValidationError, match=r"run with `load: \{type: sessions\}`"):
         Profile.model_validate({"load": {"type": "sessions"}, "duration_s": 3})
     with pytest.raises(ValidationError, match="needs duration_s"):
         Profile.model_validate({"load": {"type": "sessions"}, "dataset": {"type": "editor"}})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 from collections.abc import Coroutine
 from typing import Any
 
@@ -23,7 +24,7 @@ from benchmarks.harness.editor.session import (
 )
 from benchmarks.harness.editor.summary import editor_summary
 from benchmarks.harness.editor.window import Document, Windower, token_counter
-from benchmarks.harness.profile.workloads import EditorSpec, FilesSpec
+from benchmarks.harness.profile.workloads import EditorSpec
 from benchmarks.harness.records import RequestRecord
 
 SMALL_FILE = SourceFile(
@@ -121,7 +122,7 @@ def test_prefixes_grow_as_typed(demo_tokenizer: Any) -> None:
     outcomes = simulate([session(demo_tokenizer, spec, until=4.0)], lambda r: (0.01, True))
     prompts = [o.request.prompt for o in outcomes]
     assert len(prompts) == 40  # one per keystroke: every gap (100 ms) exceeds the debounce
-    for a, b in zip(prompts, prompts[1:], strict=False):
+    for a, b in itertools.pairwise(prompts):
         assert b.startswith(a) and len(b) == len(a) + 1  # one character typed in between
     assert prompts[-1] == SMALL_FILE.text[:40]
     # Below the cursor: the rest of the file, after the chunk being written.
@@ -131,7 +132,7 @@ def test_prefixes_grow_as_typed(demo_tokenizer: Any) -> None:
 def test_auto_indent_types_the_indentation_with_enter(demo_tokenizer: Any) -> None:
     spec = steady_spec(typing={"auto_indent": True}, debounce_ms=50)
     outcomes = simulate([session(demo_tokenizer, spec, until=2.0)], lambda r: (0.01, True))
-    after_enter = [o.request.prompt for o in outcomes if "\n" in o.request.prompt][0]
+    after_enter = next(o.request.prompt for o in outcomes if "\n" in o.request.prompt)
     assert after_enter == "def add(a, b):\n    "
 
 

@@ -8,7 +8,7 @@ developer paused long enough) to the last token of the completion.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -44,13 +44,13 @@ def first_token(r: RequestRecord) -> float | None:
     return r.token_times[0] - r.sent
 
 
-def wasted_tokens(
-    cancelled: Sequence[RequestRecord],
-    server: dict[str, Any],
-    count_tokens: Callable[[str], int] | None,
-) -> dict[str, Any]:
-    """Tokens generated for cancelled requests: the server's count where it keeps one."""
-    client = sum(count_tokens(r.text) if count_tokens else len(r.token_times) for r in cancelled)
+def wasted_tokens(cancelled: Sequence[RequestRecord], server: dict[str, Any]) -> dict[str, Any]:
+    """Tokens generated for cancelled requests: the server's count where it keeps one.
+
+    The client's own figure counts the token-carrying chunks its cancelled streams
+    had received: a lower bound (the server was generating more when the client left).
+    """
+    client = sum(len(r.token_times) for r in cancelled)
     by_reason = (server.get("counters") or {}).get("aborted_generation_tokens_by_label")
     out: dict[str, Any] = {"client_partial_streams": client}
     if by_reason is not None:
@@ -67,7 +67,6 @@ def editor_summary(
     *,
     sessions: int,
     percentiles: Sequence[float] = (50, 90, 99),
-    count_tokens: Callable[[str], int] | None = None,
 ) -> dict[str, Any]:
     shown = [r for r in records if r.ok]
     cancelled = [r for r in records if r.cancelled]
@@ -89,7 +88,7 @@ def editor_summary(
         ),
         "ttft_ms": stats_ms([x for r in records if (x := first_token(r)) is not None], percentiles),
         "cancelled_before_first_token": sum(1 for r in cancelled if not r.token_times),
-        "wasted_output_tokens": wasted_tokens(cancelled, server, count_tokens),
+        "wasted_output_tokens": wasted_tokens(cancelled, server),
         "server_aborted_client_disconnect": None
         if aborted is None
         else aborted.get(CLIENT_DISCONNECT, 0.0),

@@ -138,13 +138,11 @@ class EditorWorkload:
         return self._items.get(rec.index)
 
     def sections(self, result: RunResult) -> dict[str, Any]:
-        count = token_counter(self.tokenizer)
         summary = editor_summary(
             result.records,
             result.server,
             sessions=self.load.sessions,
             percentiles=result.profile.percentiles,
-            count_tokens=count,
         )
         summary["keystrokes"] = sum(s.keystrokes for s in self._sessions)
         summary["window_tokens"] = _window_stats(list(self._windows.values()))
