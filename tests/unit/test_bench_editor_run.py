@@ -96,3 +96,38 @@ async def test_single_line_mode_stops_at_the_end_of_the_line() -> None:
         await Runner(p, Target(srv.base_url)).run()
     assert bodies and all(b["stop"] == ["\n"] and b["max_tokens"] == 8 for b in bodies)
     assert all(b["stream"] and isinstance(b["suffix"], str) for b in bodies)
+
+
+async def test_two_workloads_at_once_split_by_key_and_replica() -> None:
+    from benchmarks.harness.api import report, run_workloads, shares, split
+
+    editor = {
+        "load": {"type": "sessions", "sessions": 2, "stagger_s": 0.2},
+        "duration_s": 2.0,
+        "warmup_requests": 0,
+        "dataset": {"type": "editor", "editor": {"repos": 1, "files": {"max_files": 3}}},
+    }
+    flood = {
+        "load": {"type": "concurrent", "concurrency": 4},
+        "duration_s": 2.0,
+        "warmup_requests": 0,
+        "request": {"max_tokens": 8},
+    }
+    with (
+        FakeServerThread(FakeOpenAI(token_delay_s=0.005, replica_id="r1")) as a,
+        FakeServerThread(FakeOpenAI(token_delay_s=0.005, replica_id="r2")) as b,
+    ):
+        ed, fl = await run_workloads(
+            [
+                (editor, Target(a.base_url, api_key="k1", api_key_label="interactive")),
+                (flood, Target(b.base_url, api_key="k2", api_key_label="batch")),
+            ]
+        )
+    assert "editor" in report(ed) and "editor" not in report(fl)
+    assert report(ed)["requests"][0]["api_key"] == "interactive"
+    records = ed.records + fl.records
+    by_key = split(records, by="api_key")
+    assert set(by_key) == {"interactive", "batch"}
+    by_replica = shares([r for r in records if r.status == 200], by="replica")
+    assert set(by_replica) == {"r1", "r2"}
+    assert sum(v["share"] for v in by_replica.values()) == 1.0
