@@ -144,3 +144,43 @@ async def test_chat_sessions_resend_the_history_with_the_servers_own_answers(
     # The assistant turns are what the fake server answered.
     assert turns[0]["messages"][2]["content"] == " w0 w1 w2 w3 w4"
     assert res.summary["failed"] == 0
+
+
+@pytest.mark.parametrize(
+    ("queries", "hits", "aborts"),
+    [
+        (
+            "codellama_serve_prefix_cache_queries_total",
+            "codellama_serve_prefix_cache_hits_total",
+            True,
+        ),
+        ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", False),
+    ],
+)
+def test_prefix_cache_and_abort_counters_are_read_from_ours_and_vllms(
+    queries: str, hits: str, aborts: bool
+) -> None:
+    from benchmarks.harness.server_metrics import Snapshot, deltas, parse, prefix_cache_hit_rate
+
+    def scrape(t: float, q: float, h: float, aborted: float, tokens: float) -> Snapshot:
+        lines = [
+            f'{queries}{{engine="0",model_name="m"}} {q}',
+            f'{hits}{{engine="0",model_name="m"}} {h}',
+        ]
+        if aborts:
+            lines += [
+                f'codellama_serve_requests_aborted_total{{reason="client_disconnect"}} {aborted}',
+                'codellama_serve_requests_aborted_total{reason="timeout"} 1',
+                "codellama_serve_aborted_generation_tokens_total"
+                f'{{reason="client_disconnect"}} {tokens}',
+            ]
+        return Snapshot(t, parse("\n".join(lines) + "\n"))
+
+    d = deltas(scrape(0, 1000, 100, 2, 10), scrape(1, 3000, 1600, 7, 60))
+    assert prefix_cache_hit_rate(d) == pytest.approx(0.75)
+    c = d["counters"]
+    if aborts:
+        assert c["aborted_by_label"] == {"reason=client_disconnect": 5}
+        assert c["aborted_generation_tokens_by_label"] == {"reason=client_disconnect": 50}
+    else:
+        assert "aborted" not in c
