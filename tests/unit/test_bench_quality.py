@@ -81,6 +81,7 @@ async def test_canonical_answers_score_one() -> None:
     assert q["fim_exact_match"]["scored"] == 8 and q["fim_exact_match"]["exact_match"] == 1.0
     assert q["fim_exact_match"]["normalized_match"] == 1.0
     assert q["humaneval"]["problems"] == 8 and q["humaneval"]["pass_at_1"] == 1.0
+    assert q["pass_at_1"] == 1.0 and q["pass_at_k"] == {"1": 1.0}
     assert q["equivalence"]["compared"] == 16 and q["equivalence"]["fraction"] == 1.0
 
 

@@ -28,7 +28,8 @@ async def quality_section(
     if q.pass_at_k:
         log("running HumanEval tests in the sandbox")
         sandbox = Sandbox(q.timeout_s, q.memory_mb, q.workers)
-        out["humaneval"] = await humaneval_pass_at_k(records, item_of, q.pass_at_k, sandbox)
+        he = out["humaneval"] = await humaneval_pass_at_k(records, item_of, q.pass_at_k, sandbox)
+        out["pass_at_1"], out["pass_at_k"] = he["pass_at_1"], he["pass_at_k"]
     if q.equivalence:
         log(f"resending up to {q.equivalence_max_prompts} prompts alone (equivalence)")
         out["equivalence"] = await equivalence(client, records, item_of, q.equivalence_max_prompts)
