@@ -63,24 +63,38 @@ class EditorDriver:
                 delay = self.start + t - self.clock()
                 if delay > 0:
                     await self.sleep(delay)
+                sent = False
                 for action in s.advance(t):
                     if isinstance(action, Cancel):
                         self._cancel(flying.pop(action.seq, None))
-                        continue
-                    if self.budget.exhausted:  # a timer due when the budget ran out
-                        s.finished(action.request.seq)
-                        continue
-                    rec = self.new_record(action.request)
-                    task = asyncio.create_task(self._send(s, action.request, rec))
-                    flying[action.request.seq] = (task, rec)
-                    task.add_done_callback(_forget(flying, action.request.seq))
-                    if not self.budget.take():
-                        for other in self.sessions:
-                            other.stop_typing()
+                    else:
+                        sent |= self._start(s, action.request, flying)
+                if sent:
+                    # Let the request go out before the next event is handled: a late
+                    # client may find the next keystroke already due.
+                    await asyncio.sleep(0)
             await asyncio.gather(*(task for task, _ in list(flying.values())))
         finally:
             for task, _ in list(flying.values()):
                 task.cancel()
+
+    def _start(
+        self,
+        s: EditorSession,
+        req: FimRequest,
+        flying: dict[int, tuple[asyncio.Task[None], RequestRecord]],
+    ) -> bool:
+        if self.budget.exhausted:  # a timer that expired after the budget ran out
+            s.finished(req.seq)
+            return False
+        rec = self.new_record(req)
+        task = asyncio.create_task(self._send(s, req, rec))
+        flying[req.seq] = (task, rec)
+        task.add_done_callback(_forget(flying, req.seq))
+        if not self.budget.take():
+            for other in self.sessions:
+                other.stop_typing()
+        return True
 
     def _cancel(self, entry: tuple[asyncio.Task[None], RequestRecord] | None) -> None:
         if entry is None:

@@ -66,6 +66,8 @@ class Documents:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self._docs: dict[str, Document] = {}
+        # The window below a chunk stays the same while the chunk is written.
+        self.suffixes: dict[tuple[str, int], tuple[str, int]] = {}
 
     def get(self, name: str, text: str) -> Document:
         doc = self._docs.get(name)
@@ -166,6 +168,7 @@ class EditorSession:
         until: float = float("inf"),
     ) -> None:
         self.sid, self.repo, self.windower, self.spec = sid, repo, windower, spec
+        self.docs = docs
         self.typist = Typist(spec, rng)
         self.editing = Editing(repo, docs, spec, rng)
         self.debounce_s = spec.debounce_ms / 1000
@@ -227,7 +230,11 @@ class EditorSession:
         """The FIM request for the cursor's position now."""
         e, w, repo = self.editing, self.windower, self.repo
         prefix, n_prefix = w.prefix(e.doc, e.cursor)
-        suffix, n_suffix = w.suffix(e.doc, e.b)
+        key = (e.doc.name, e.b)
+        cached = self.docs.suffixes.get(key)
+        if cached is None:
+            cached = self.docs.suffixes[key] = w.suffix(e.doc, e.b)
+        suffix, n_suffix = cached
         return FimRequest(
             session=self.sid,
             repo=repo.name,

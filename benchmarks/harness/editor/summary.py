@@ -61,6 +61,13 @@ def wasted_tokens(cancelled: Sequence[RequestRecord], server: dict[str, Any]) ->
     return out
 
 
+def _server_completed(counters: dict[str, Any], shown: int) -> float | None:
+    by_status = counters.get("requests_by_label")
+    if by_status is None or "status=200" not in by_status:
+        return None
+    return max(0.0, by_status["status=200"] - shown)
+
+
 def editor_summary(
     records: Sequence[RequestRecord],
     server: dict[str, Any],
@@ -88,6 +95,10 @@ def editor_summary(
         ),
         "ttft_ms": stats_ms([x for r in records if (x := first_token(r)) is not None], percentiles),
         "cancelled_before_first_token": sum(1 for r in cancelled if not r.token_times),
+        # The client was late: the debounce and the next keystroke came in one go.
+        "cancelled_before_sent": sum(1 for r in cancelled if r.sent is None),
+        # The server finished them, but the keystroke came before the client had all.
+        "server_completed_but_cancelled": _server_completed(counters, len(shown)),
         "wasted_output_tokens": wasted_tokens(cancelled, server),
         "server_aborted_client_disconnect": None
         if aborted is None

@@ -70,7 +70,9 @@ def throughput_table(s: dict[str, Any]) -> list[str]:
         "| Requests (ok / failed) | Duration (s) | Request/s | Output tok/s | Total tok/s "
         "| Goodput req/s |",
         "|---|---|---|---|---|---|",
-        f"| {s['requests']} ({s['completed']} / {s['failed']}) | {f(s['duration'], 2)} "
+        f"| {s['requests']} ({s['completed']} / {s['failed']})"
+        + (f" + {s['cancelled']} cancelled" if s.get("cancelled") else "")
+        + f" | {f(s['duration'], 2)} "
         f"| {f(s['request_throughput'], 2)} | {f(s['output_throughput'])} "
         f"| {f(s['total_token_throughput'])} | {f(s['request_goodput'], 2)} |",
         "",
