@@ -198,12 +198,14 @@ def run_markdown(result: RunResult, plots: Sequence[str] = ()) -> str:
     p, s = result.profile, result.summary
     req = p.request
     path = "chat/completions" if p.endpoint == "chat" else "completions"
+    editor = p.dataset.editor if p.dataset.type == "editor" else None
+    max_tokens = editor.max_tokens if editor is not None else req.max_tokens
     lines = [
         f"# Benchmark `{p.name}` against {result.target.label}",
         "",
         f"{result.started} · model `{result.model}` · `/v1/{path}`"
         f" · {'streamed' if req.stream else 'not streamed'} · dataset `{p.dataset.type}`"
-        f" · max_tokens {req.max_tokens}{' · ignore_eos' if req.ignore_eos else ''}"
+        f" · max_tokens {max_tokens}{' · ignore_eos' if req.ignore_eos else ''}"
         f" · seed {p.seed}",
         "",
     ]
