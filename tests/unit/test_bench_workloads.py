@@ -184,3 +184,16 @@ def test_prefix_cache_and_abort_counters_are_read_from_ours_and_vllms(
         assert c["aborted_generation_tokens_by_label"] == {"reason=client_disconnect": 50}
     else:
         assert "aborted" not in c
+
+
+def test_the_python_entry_point_takes_a_profile_a_dict_or_a_name() -> None:
+    from benchmarks.harness.api import as_profile, split
+
+    by_name = as_profile("editor", {"load": {"type": "sessions", "sessions": 3}})
+    assert by_name.load.type == "sessions" and by_name.load.sessions == 3  # type: ignore[union-attr]
+    by_dict = as_profile({"dataset": {"type": "shared-prefix"}, "num_requests": 5})
+    assert by_dict.dataset.shared_prefix is not None and by_dict.num_requests == 5
+    again = as_profile(by_dict, {"num_requests": 7})
+    assert again.num_requests == 7 and by_dict.num_requests == 5
+    with pytest.raises(ValueError, match="split by one of"):
+        split([], by="password")
