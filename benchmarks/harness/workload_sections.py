@@ -31,7 +31,7 @@ def workload_sections(result: RunResult, workload: SessionWorkload | None) -> di
         for r in result.records:
             if (g := group_of(r.item_id)) is not None:
                 groups[g] = groups.get(g, 0) + 1
-        # If every request of a group after its first found the prefix cached.
+        # What a cache that missed only each group's first request would hit.
         share = (sp.requests_per_group - 1) / sp.requests_per_group
         out["shared_prefix"] = {
             "groups": sp.groups,

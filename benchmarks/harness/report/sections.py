@@ -60,7 +60,8 @@ def chat_sessions_markdown(c: dict[str, Any]) -> list[str]:
         "",
         f"{c['sessions']} users, {c['conversations']} conversations "
         f"({c['conversations_completed']} completed, {c['ended_by_failure']} ended by a failed "
-        f"turn, {c['ended_by_context']} by the context), {c['turns_sent']} turns.",
+        f"turn, {c['ended_by_context']} by the context, the rest by the run's end), "
+        f"{c['turns_sent']} turns.",
         "",
         "| Turn | Sent | Failed | Prompt tokens (mean) | TTFT median (ms) |",
         "|---|---|---|---|---|",
@@ -79,8 +80,8 @@ def shared_prefix_markdown(s: dict[str, Any]) -> list[str]:
         "",
         f"{s['groups']} groups × a {s['prefix_tokens']}-token prefix + {s['tail_tokens']}-token "
         f"tails{' (chat: system prompt)' if s['chat'] else ''}: prefix-cache hit rate "
-        f"{_pct(s['prefix_cache_hit_rate'])} (at most {_pct(s['shareable_prompt_fraction'])} of "
-        "the prompt tokens can be shared).",
+        f"{_pct(s['prefix_cache_hit_rate'])} (a cache missing only each group's first request: "
+        f"{_pct(s['shareable_prompt_fraction'])}).",
     ]
 
 
