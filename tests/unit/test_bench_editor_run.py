@@ -43,7 +43,10 @@ async def test_an_editor_run_cancels_on_keystrokes_and_shows_what_finishes_in_ti
     assert e["completions_shown"] > 0 and e["requests_cancelled"] > 0 and e["requests_failed"] == 0
     # The server saw the cancelled requests go: counted as aborts, with their tokens.
     assert e["server_aborted_client_disconnect"] == app.aborted
-    assert 0.9 * e["requests_cancelled"] <= app.aborted <= e["requests_cancelled"]
+    # Every cancelled request the server had answered (headers seen) is an abort there;
+    # one cancelled while still on the client (a loaded machine) never reached it.
+    started = sum(1 for r in res.records if r.cancelled and r.first_byte is not None)
+    assert 0 < started <= app.aborted <= e["requests_cancelled"]
     w = e["wasted_output_tokens"]
     assert w["source"] == "server" and w["value"] == app.aborted_tokens > 0
     assert 0 < w["client_partial_streams"] <= w["value"]
@@ -73,7 +76,10 @@ async def test_a_server_that_refuses_suffix_fails_every_editor_request_with_its_
     with FakeServerThread(app) as srv:
         res = await Runner(editor_profile(sessions=2, duration=2.0), Target(srv.base_url)).run()
     e = res.sections["editor"]
-    assert e["requests_sent"] == e["requests_failed"] > 3
+    # Each request fails with the server's reason, unless the next keystroke cancels it
+    # first (on a loaded machine the 400 can take longer than a keystroke).
+    assert e["requests_failed"] > 3
+    assert e["requests_failed"] + e["requests_cancelled"] == e["requests_sent"]
     assert e["completions_shown"] == 0
     assert e["errors"][0]["error"] == "HTTP 400: suffix is not currently supported"
     assert e["errors"][0]["count"] == e["requests_failed"]
