@@ -1,9 +1,15 @@
 """The load harness: drive any OpenAI-compatible endpoint and report honestly.
 
-One module per question: profiles (how load is shaped), datasets (what is
-sent), client (how it is sent and timed), metrics (what is measured),
-server_metrics (the server's own view), report (JSON, Markdown, plots),
-runner (one profile against one endpoint), compare (several endpoints).
+- cli.py: `codellama-serve bench …` (also `python -m benchmarks …`).
+- profiles/: the bundled YAML profiles (and the trace one of them replays).
+- harness/: the product, one module per question: profile/ (how load is shaped:
+  schema, files, arrivals, traces), datasets (what is sent), client, sse, transport,
+  records and client_health (how it is sent and timed), metrics and server_metrics
+  (what is measured), plans, phases, runner, sweeps, caveats and results (one profile
+  against one endpoint), compare (several endpoints), report/ (JSON, Markdown,
+  plots), fake_server (its own test double).
+- experiments/: the project's own experiments on the harness: parity, ray_modes,
+  soak, serve_and_bench (`make bench`), with trials and local_servers they share.
 """
 
 __version__ = "0.1.0"

@@ -142,9 +142,10 @@ async def test_fifty_streams_that_disconnect_leave_the_engine_idle(server):
     started = time.monotonic()
     wait_idle(server, 2)
     print(f"engine idle {time.monotonic() - started:.2f} s after 50 disconnects")
-    # Each disconnect is counted as an abort, with the tokens generated for it.
+    # Each disconnect is counted as an abort, with the tokens generated for it (each
+    # client read at least one token-bearing event before it left).
     assert _labelled(server, aborted) - before[0] == 50
-    assert _labelled(server, wasted) - before[1] >= 50 * 3
+    assert _labelled(server, wasted) - before[1] >= 50
 
 
 def _labelled(server, series: str) -> float:

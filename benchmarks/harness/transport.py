@@ -82,7 +82,7 @@ class AiohttpTransport:
             headers=default_headers(api_key),
             trust_env=False,
         )
-        self.errors = (aiohttp.ClientError,)
+        self.errors: tuple[type[BaseException], ...] = (aiohttp.ClientError,)
         self.description = f"aiohttp {aiohttp.__version__}, HTTP/1.1, pool limit {n} connections"
 
     @contextlib.asynccontextmanager
@@ -136,7 +136,7 @@ class HttpxTransport:
             headers=default_headers(api_key),
             trust_env=False,
         )
-        self.errors = (httpx.HTTPError,)
+        self.errors: tuple[type[BaseException], ...] = (httpx.HTTPError,)
         self.description = f"httpx {httpx.__version__}, HTTP/1.1, pool limit {n} connections"
 
     @contextlib.asynccontextmanager

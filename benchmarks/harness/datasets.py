@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.profiles import DatasetSpec, LengthDist, TraceEntry
+from benchmarks.harness.profile.schema import DatasetSpec, LengthDist
+from benchmarks.harness.profile.traces import TraceEntry
 
 CHAT_TEMPLATE = "Complete this Python function:\n\n```python\n{prompt}```"
 

@@ -15,10 +15,14 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.client import Target
-from benchmarks.profiles import Profile
-from benchmarks.report import f, plot_cdfs, run_to_json, write_json, write_run_report
-from benchmarks.runner import Runner, RunResult
+from benchmarks.harness.client import Target
+from benchmarks.harness.profile.schema import Profile
+from benchmarks.harness.report.as_json import run_to_json, write_json
+from benchmarks.harness.report.as_markdown import f
+from benchmarks.harness.report.plots import plot_cdfs
+from benchmarks.harness.report.write import write_run_report
+from benchmarks.harness.results import RunResult
+from benchmarks.harness.runner import Runner
 
 # (key, label, higher is better)
 COMPARE_METRICS: tuple[tuple[str, str, bool], ...] = (
@@ -52,8 +56,8 @@ class Comparison:
             row: dict[str, Any] = {"metric": key, "label": label, "higher_is_better": higher}
             base_mean = None
             for t in self.targets:
-                vals = [r.summary.get(key) for r in self.results.get(t.label, [])]
-                vals = [v for v in vals if v is not None]
+                runs = self.results.get(t.label, [])
+                vals = [v for r in runs if (v := r.summary.get(key)) is not None]
                 mean = float(np.mean(vals)) if vals else None
                 row[t.label] = {
                     "mean": mean,

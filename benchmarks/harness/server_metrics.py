@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.client import now
-from benchmarks.transport import Transport
+from benchmarks.harness.records import now
+from benchmarks.harness.transport import Transport
 
 Labels = tuple[tuple[str, str], ...]
 Samples = dict[tuple[str, Labels], float]
@@ -228,7 +228,7 @@ class ServerMetricsRecorder:
             return None
         try:
             status, body = await self.http.get(self.url, timeout_s=10)
-        except (*self.http.errors, TimeoutError) as e:
+        except _scrape_errors(self.http) as e:
             self.error = f"{type(e).__name__}: {e}"
             return None
         if status != 200:
@@ -270,6 +270,11 @@ class ServerMetricsRecorder:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+
+
+def _scrape_errors(http: Transport) -> tuple[type[BaseException], ...]:
+    """What a failed scrape raises: the transport's errors, or a timeout."""
+    return (*http.errors, TimeoutError)
 
 
 _GAUGE_NAMES = tuple(n for names in GAUGES.values() for n in names)

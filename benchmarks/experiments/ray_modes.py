@@ -2,8 +2,8 @@
 application with one replica, and Ray's own LLM app (`ray.serve.llm`), in one
 run, interleaved.
 
-    python -m benchmarks.ray_modes                   # make ray-bench
-    python -m benchmarks.ray_modes --trials 5 --stream-batching-ms 100
+    python -m benchmarks.experiments.ray_modes                   # make ray-bench
+    python -m benchmarks.experiments.ray_modes --trials 5 --stream-batching-ms 100
 
 Both Ray applications run in one local Ray instance behind the same Serve HTTP
 proxy (ours under /ours, Ray's under /rayllm), each with one replica owning
@@ -16,30 +16,31 @@ issue 6's: streaming /v1/completions, 64 concurrent, 32-token prompts,
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import signal
 import sys
 import threading
 from pathlib import Path
 from typing import Any
 
-from benchmarks.parity import (
+from benchmarks.experiments.local_servers import ServerProcess, free_port, start_and_wait
+from benchmarks.experiments.trials import (
     ENGINE,
-    MODEL_NAME,
     LoadConfig,
     ServerTarget,
     Trial,
     export_prompts,
-    free_port,
     ours,
+    ratio,
+    results_dir,
     rotations,
+    run_meta,
     server_trial,
     write_report,
 )
-from benchmarks.serve_and_bench import ServerProcess, start_server
+from engine.config import DEMO_MODEL, DEMO_MODEL_NAME
 
+PROG = "python -m benchmarks.experiments.ray_modes"
 LOAD = LoadConfig("stream-64", concurrency=64, stream=True)
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------- Ray driver
@@ -60,7 +61,7 @@ def ray_driver(port: int, stream_batching_ms: float | None) -> int:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     ours_settings = {
         "engine": {
-            "model": "demo", "max_model_len": ENGINE["max_model_len"],
+            "model": DEMO_MODEL, "max_model_len": ENGINE["max_model_len"],
             "max_num_seqs": ENGINE["max_num_seqs"], "seed": ENGINE["seed"],
             "cpu_kvcache_space_gib": ENGINE["kv_cache_gib"],
         },
@@ -73,7 +74,9 @@ def ray_driver(port: int, stream_batching_ms: float | None) -> int:
     )
     experimental = {"stream_batching_interval_ms": stream_batching_ms} if stream_batching_ms else {}
     llm_config = LLMConfig(
-        model_loading_config={"model_id": MODEL_NAME, "model_source": str(ensure_demo_model())},
+        model_loading_config={
+            "model_id": DEMO_MODEL_NAME, "model_source": str(ensure_demo_model()),
+        },
         accelerator_config={"kind": "cpu"},
         deployment_config={"autoscaling_config": {"min_replicas": 1, "max_replicas": 1}},
         engine_kwargs={
@@ -89,7 +92,7 @@ def ray_driver(port: int, stream_batching_ms: float | None) -> int:
     )  # fmt: skip
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print("ready", flush=True)  # start_server polls the routes; this is for the log
+    print("ready", flush=True)  # start_and_wait polls the routes; this is for the log
     stop.wait()
     serve.shutdown()
     ray.shutdown()
@@ -100,7 +103,7 @@ class RayTarget:
     """One application of the Ray driver, as a target for `server_trial`."""
 
     def __init__(self, name: str, server: ServerProcess, prefix: str) -> None:
-        self.name, self.url = name, server.url + prefix
+        self.name, self.url = name, server.base_url + prefix
 
     def cpu(self) -> tuple[float, float]:
         # Both apps share the Ray processes: per-target CPU is not separable.
@@ -109,20 +112,18 @@ class RayTarget:
 
 def start_ray_apps(out: Path, stream_batching_ms: float | None) -> ServerProcess:
     port = free_port()
-    argv = [sys.executable, "-m", "benchmarks.ray_modes", "--ray-driver", str(port)]
+    argv = [sys.executable, "-m", "benchmarks.experiments.ray_modes", "--ray-driver", str(port)]
     if stream_batching_ms:
         argv += ["--stream-batching-ms", str(stream_batching_ms)]
-    server = start_server(argv, {}, "/ours/ready", out / "ray.log", port, ready_timeout=600)
+    server = start_and_wait(
+        argv, port, out / "ray.log", ready_path="/ours/ready", ready_timeout=600
+    )
     # Ray's app answers /v1/models once its engine is up.
-    server.wait_ready("/rayllm/v1/models", timeout=600)
+    server.wait_ready(600, path="/rayllm/v1/models")
     return server
 
 
 # ---------------------------------------------------------------- report
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return "–" if a is None or not b else f"{a / b:.2f}×"
 
 
 def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
@@ -151,14 +152,14 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         "| Ratio | Value | Target |",
         "|---|---:|---|",
         f"| ours in Ray / Ray LLM app, tok/s | "
-        f"{_ratio(ray_ours.get('output_tok_s'), ray_llm.get('output_tok_s'))} | ≥ 2× |",
+        f"{ratio(ray_ours.get('output_tok_s'), ray_llm.get('output_tok_s'))} | ≥ 2× |",
         f"| ours in Ray / standalone, tok/s | "
-        f"{_ratio(ray_ours.get('output_tok_s'), std.get('output_tok_s'))} | ≥ 0.8× |",
+        f"{ratio(ray_ours.get('output_tok_s'), std.get('output_tok_s'))} | ≥ 0.8× |",
         f"| ours in Ray / standalone, TPOT median | "
-        f"{_ratio(ray_ours.get('median_tpot_ms'), std.get('median_tpot_ms'))} | ≤ 1.5× |",
+        f"{ratio(ray_ours.get('median_tpot_ms'), std.get('median_tpot_ms'))} | ≤ 1.5× |",
         f"| median TTFT added by Ray (ours) | {added} | |",
         f"| Ray LLM app / standalone, tok/s | "
-        f"{_ratio(ray_llm.get('output_tok_s'), std.get('output_tok_s'))} | |",
+        f"{ratio(ray_llm.get('output_tok_s'), std.get('output_tok_s'))} | |",
     ]
     return "\n".join(lines) + "\n"
 
@@ -167,8 +168,9 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.ray_modes", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p = argparse.ArgumentParser(
+        prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--trials", type=int, default=3, help="interleaved rounds")
     p.add_argument(
         "--stream-batching-ms", type=float, default=None,
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.ray_driver:
         return ray_driver(args.ray_driver, args.stream_batching_ms)
 
-    out = args.out or ROOT / "results" / "ray" / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = args.out or results_dir("ray")
     out.mkdir(parents=True, exist_ok=True)
     standalone = ours(out, "standalone")
     ray_apps: ServerProcess | None = None
@@ -205,12 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         standalone.stop()
         if ray_apps is not None:
             ray_apps.stop(timeout=120)
-    meta = {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.ray_modes " + " ".join(argv or sys.argv[1:]),
-        "engine": ENGINE, "rounds": args.trials,
-        "stream_batching_ms": args.stream_batching_ms,
-    }  # fmt: skip
+    meta = run_meta(PROG, argv, args.trials, stream_batching_ms=args.stream_batching_ms)
     write_report(out, "ray_modes", trials, meta, markdown)
     return 0
 

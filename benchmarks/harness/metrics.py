@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.client import RequestRecord
-from benchmarks.profiles import SLO, Thresholds
+from benchmarks.harness.profile.schema import SLO, Thresholds
+from benchmarks.harness.records import RequestRecord
 
 MS = 1000.0
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
@@ -91,7 +91,7 @@ def pct_key(p: float) -> str:
 
 
 def distribution(
-    values_s: Iterable[float], name: str, percentiles: Sequence[float]
+    values_s: Iterable[float | None], name: str, percentiles: Sequence[float]
 ) -> dict[str, Any]:
     """mean/median/std/pN of seconds, as `<stat>_<name>_ms` (None when there is no value)."""
     v = np.fromiter((x for x in values_s if x is not None), dtype=float)
@@ -120,7 +120,7 @@ def output_tokens_in(records: Sequence[RequestRecord], a: float, b: float) -> fl
         n = r.out_tokens
         if not r.ok or not n:
             continue
-        times = r.token_times or [r.finished]
+        times: Sequence[float | None] = r.token_times or [r.finished]
         inside = sum(1 for t in times if t is not None and a <= t <= b)
         total += n * inside / len(times)
     return total
@@ -210,8 +210,13 @@ def token_accounting(ok: Sequence[RequestRecord]) -> dict[str, Any]:
     """Where output counts came from, and how usage and re-tokenizing disagree."""
     usage = sum(1 for r in ok if r.output_tokens is not None)
     retok_only = sum(1 for r in ok if r.output_tokens is None and r.retok_output_tokens is not None)
-    both = [r for r in ok if r.output_tokens is not None and r.retok_output_tokens is not None]
-    diffs = [r.retok_output_tokens - r.output_tokens for r in both]  # type: ignore[operator]
+    # (usage, re-tokenized) of the requests that have both
+    both = [
+        (r.output_tokens, r.retok_output_tokens)
+        for r in ok
+        if r.output_tokens is not None and r.retok_output_tokens is not None
+    ]
+    diffs = [retok - used for used, retok in both]
     short = [
         r
         for r in ok
@@ -226,8 +231,8 @@ def token_accounting(ok: Sequence[RequestRecord]) -> dict[str, Any]:
         "token_check": {
             "checked": len(both),
             "mismatched": sum(1 for d in diffs if d != 0),
-            "usage_total": sum(r.output_tokens or 0 for r in both),
-            "retokenized_total": sum(r.retok_output_tokens or 0 for r in both),
+            "usage_total": sum(used for used, _ in both),
+            "retokenized_total": sum(retok for _, retok in both),
             "max_abs_diff": max((abs(d) for d in diffs), default=0),
         }
         if both
@@ -262,16 +267,16 @@ def load_stats(
     out["max_schedule_lag_ms"] = max(lags) * MS if lags else None
     # Latency measured from when the request *should* have left: what a user
     # arriving on schedule would have seen (the coordinated-omission correction).
-    ok = [r for r in records if r.ok and r.scheduled is not None]
+    ok = [(r, r.scheduled) for r in records if r.ok and r.scheduled is not None]
     out |= distribution(
-        (r.token_times[0] - r.scheduled for r in ok if r.token_times),
-        "ttft_from_schedule",  # type: ignore[operator]
+        (r.token_times[0] - sched for r, sched in ok if r.token_times),
+        "ttft_from_schedule",
         percentiles,
     )
     out |= distribution(
-        (r.finished - r.scheduled for r in ok),
+        (r.finished - sched for r, sched in ok if r.finished is not None),  # (every ok one has)
         "e2el_from_schedule",
-        percentiles,  # type: ignore[operator]
+        percentiles,
     )
     reasons = []
     # More than 1 % of the requests sent later than the threshold (the lag p99

@@ -1,8 +1,8 @@
 """Soak: a bounded run at ~80% of saturation, checking that nothing fails and
 nothing leaks.
 
-    python -m benchmarks.soak                     # make soak: 5 minutes at 80%
-    python -m benchmarks.soak --duration 60 --load 0.5
+    python -m benchmarks.experiments.soak                     # make soak: 5 minutes at 80%
+    python -m benchmarks.experiments.soak --duration 60 --load 0.5
 
 It starts our server on the demo model, measures its saturation throughput
 with the soak's own request mix (closed loop at `--probe-concurrency`, which
@@ -32,8 +32,9 @@ from typing import Any
 import httpx
 import psutil
 
-from benchmarks.serve_and_bench import ServerProcess, running_server
-from benchmarks.server_metrics import gauges_of, parse
+from benchmarks.cli import harness_command
+from benchmarks.experiments.local_servers import ServerProcess, running_server
+from benchmarks.harness.server_metrics import gauges_of, parse
 
 MIB = 1 << 20
 IDLE_TIMEOUT_S = 10.0
@@ -94,12 +95,12 @@ class MemorySampler:
 
 def bench(url: str, out: Path, load: list[str], args: argparse.Namespace) -> dict[str, Any]:
     """One harness run (its own process, like any client); its report.json."""
-    cmd = [
-        sys.executable, "-m", "engine", "bench", "run", "--base-url", url,
+    cmd = harness_command(
+        "run", "--base-url", url,
         "--dataset", args.dataset, "--max-tokens", str(args.max_tokens), "--ignore-eos",
         "--stream", "--seed", str(args.seed), "--warmup", "0", "--no-plots", "--quiet",
         "--out", str(out), *load,
-    ]  # fmt: skip
+    )  # fmt: skip
     subprocess.run(cmd, check=True)
     return json.loads((out / "report.json").read_text())
 
@@ -123,7 +124,7 @@ def soak(server: ServerProcess, out: Path, args: argparse.Namespace) -> dict[str
     cold = Memory.of(server.pid)
     print(f"[soak] probing saturation at concurrency {args.probe_concurrency}", flush=True)
     probe = bench(
-        server.url, out / "probe",
+        server.base_url, out / "probe",
         ["--concurrency", str(args.probe_concurrency), "--num-requests", str(args.probe_requests),
          "--duration", "600"],
         args,
@@ -138,13 +139,13 @@ def soak(server: ServerProcess, out: Path, args: argparse.Namespace) -> dict[str
     )
     with MemorySampler(server.pid) as sampler:
         run = bench(
-            server.url, out / "soak",
+            server.base_url, out / "soak",
             ["--rate", f"{rate:.4f}", "--arrival", "poisson", "--duration", str(args.duration)],
             args,
         )  # fmt: skip
-    gauges, idle_after_s = wait_idle(server.url)
+    gauges, idle_after_s = wait_idle(server.base_url)
     after = Memory.of(server.pid)
-    health = httpx.get(server.url + "/health", timeout=5).status_code
+    health = httpx.get(server.base_url + "/health", timeout=5).status_code
     load = run["summary"]["load"]
     checks = {
         "no_failed_requests": run["failed"] == 0,
@@ -155,7 +156,7 @@ def soak(server: ServerProcess, out: Path, args: argparse.Namespace) -> dict[str
     }
     return {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks.soak " + " ".join(sys.argv[1:]),
+        "command": "python -m benchmarks.experiments.soak " + " ".join(sys.argv[1:]),
         "settings": {k: v for k, v in vars(args).items() if k != "out"},
         "saturation_req_s": saturation,
         "saturation_output_tok_s": probe["output_throughput"],
