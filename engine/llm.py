@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -535,14 +536,20 @@ def _structured(constraint: OutputConstraint) -> Any:
     return StructuredOutputsParams(**{constraint.kind: constraint.value})
 
 
+# xgrammar prefixes its errors with a time and its C++ source location:
+# "[09:46:02] /project/cpp/regex_converter.cc:83: Regex parsing error at ...".
+_NATIVE_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
+
+
 def _with_cause(error: BaseException) -> str:
     """vLLM's message, with the grammar library's own reason where vLLM hides it
-    ("Invalid grammar specification." says nothing of which rule is wrong)."""
+    ("Invalid grammar specification." says nothing of which rule is wrong), and
+    without the library's time stamps and source paths."""
     message = str(error)
     cause = error.__cause__
     if cause is not None and str(cause) and str(cause) not in message:
-        message = f"{message.rstrip('.')}: {str(cause).strip()}"
-    return message
+        message = f"{message.rstrip('.')}: {cause}"
+    return " ".join(_NATIVE_PREFIX.sub("", message).split())
 
 
 def _timing(out: Any) -> dict[str, float]:

@@ -116,3 +116,22 @@ def test_malformed_fields_fail_schema_validation(fields):
 
     with pytest.raises(ValidationError):
         CompletionRequest(prompt="x", **fields)
+
+
+def test_engine_messages_keep_the_reason_and_drop_native_noise():
+    from engine.llm import _with_cause
+
+    try:
+        try:
+            raise RuntimeError(
+                "[09:46:02] /project/cpp/grammar_parser.cc:820: EBNF parser error at line 1, "
+                'column 10: Rule "undefined_rule" is not defined\n'
+            )
+        except RuntimeError as native:
+            raise ValueError("Invalid grammar specification.") from native
+    except ValueError as e:
+        message = _with_cause(e)
+    assert message == (
+        "Invalid grammar specification: EBNF parser error at line 1, column 10: "
+        'Rule "undefined_rule" is not defined'
+    )
