@@ -17,7 +17,7 @@ from jsonschema import SchemaError
 from jsonschema.validators import validator_for
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from engine.api.errors import bad_request
+from engine.api.errors import APIError, bad_request
 from engine.llm import OutputConstraint
 
 MAX_CHOICES = 1024
@@ -90,11 +90,16 @@ class StructuredOutputFields(BaseModel):
     guided_whitespace_pattern: Any = Field(None, description="Removed in vLLM.")
 
 
+def invalid(message: str, param: str) -> APIError:
+    """A 400 for a constraint that cannot be used (the code vLLM-facing checks share)."""
+    return bad_request(message, param=param, code="invalid_constraint")
+
+
 def output_constraint(req: StructuredOutputFields) -> tuple[OutputConstraint, str] | None:
     """The request's constraint and the field it came from, or None; a 400 if invalid."""
     for name, instead in REMOVED_GUIDED_FIELDS.items():
         if getattr(req, name) is not None:
-            raise bad_request(
+            raise invalid(
                 f"'{name}' was removed from vLLM's API (vLLM now ignores it, leaving the "
                 f"output unconstrained); use {instead}",
                 param=name,
@@ -102,7 +107,7 @@ def output_constraint(req: StructuredOutputFields) -> tuple[OutputConstraint, st
     fmt = req.response_format
     constrained_format = fmt is not None and fmt.type != "text"
     if constrained_format and req.structured_outputs is not None:
-        raise bad_request(
+        raise invalid(
             "use either response_format or structured_outputs, not both",
             param="structured_outputs",
         )
@@ -117,7 +122,7 @@ def _from_response_format(fmt: ResponseFormat) -> OutputConstraint:
     if fmt.type == "json_object":
         return OutputConstraint("json_object", True)
     if fmt.json_schema is None:
-        raise bad_request(
+        raise invalid(
             "response_format type 'json_schema' needs a 'json_schema' object with a 'schema'",
             param="response_format",
         )
@@ -128,18 +133,18 @@ def _from_structured_outputs(so: StructuredOutputs) -> OutputConstraint:
     param = "structured_outputs"
     for option in ("disable_any_whitespace", "disable_additional_properties"):
         if getattr(so, option):
-            raise bad_request(
+            raise invalid(
                 f"structured_outputs.{option} applies to the whole engine in vLLM: "
                 f"start the server with --structured-outputs-config '{{\"{option}\": true, ...}}'",
                 param=param,
             )
     if so.whitespace_pattern is not None:
-        raise bad_request(
+        raise invalid(
             "structured_outputs.whitespace_pattern is not used by vLLM's grammar backends",
             param=param,
         )
     if so.structural_tag is not None:
-        raise bad_request(
+        raise invalid(
             "structured_outputs.structural_tag (tool-call tags) is not supported: "
             "Code Llama has no tool-calling format",
             param=param,
@@ -154,7 +159,7 @@ def _from_structured_outputs(so: StructuredOutputs) -> OutputConstraint:
     }  # fmt: skip
     if len(given) != 1:
         found = ", ".join(given) or "none"
-        raise bad_request(
+        raise invalid(
             "structured_outputs needs exactly one of json, regex, choice, grammar, json_object "
             f"(found: {found})",
             param=param,
@@ -167,11 +172,11 @@ def _checked(kind: str, value: Any, param: str) -> OutputConstraint:
     if kind == "json":
         return OutputConstraint("json", checked_schema(value, param))
     if kind == "json_object" and value is not True:
-        raise bad_request("structured_outputs.json_object must be true if set", param=param)
+        raise invalid("structured_outputs.json_object must be true if set", param=param)
     if kind == "choice" and (not value or any(not c for c in value)):
-        raise bad_request("structured_outputs.choice needs non-empty strings", param=param)
+        raise invalid("structured_outputs.choice needs non-empty strings", param=param)
     if kind in ("regex", "grammar") and (not value.strip() or "\x00" in value):
-        raise bad_request(f"structured_outputs.{kind} is empty or holds a NUL", param=param)
+        raise invalid(f"structured_outputs.{kind} is empty or holds a NUL", param=param)
     return OutputConstraint(kind, value)  # type: ignore[arg-type]
 
 
@@ -184,12 +189,12 @@ def checked_schema(schema: Any, param: str) -> dict[str, Any]:
         try:
             schema = json.loads(schema)
         except json.JSONDecodeError as e:
-            raise bad_request(f"the JSON schema is not valid JSON: {e}", param=param) from None
+            raise invalid(f"the JSON schema is not valid JSON: {e}", param=param) from None
     if not isinstance(schema, dict):
-        raise bad_request("the JSON schema must be a JSON object", param=param)
+        raise invalid("the JSON schema must be a JSON object", param=param)
     try:
         validator_for(schema).check_schema(schema)
     except SchemaError as e:
         where = "/".join(str(p) for p in e.absolute_path) or "(top level)"
-        raise bad_request(f"invalid JSON schema at {where}: {e.message}", param=param) from None
+        raise invalid(f"invalid JSON schema at {where}: {e.message}", param=param) from None
     return schema

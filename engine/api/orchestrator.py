@@ -20,9 +20,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from engine.api.auth import ANONYMOUS
-from engine.api.constraints import output_constraint
+from engine.api.constraints import invalid, output_constraint
 from engine.api.disconnect import primed, unless_disconnected
-from engine.api.errors import bad_request
 from engine.api.run import Run, Steps
 from engine.api.sampling import sampling_options
 from engine.api.schemas import SamplingFields
@@ -96,7 +95,7 @@ def checked_constraint(state: ServerState, req: SamplingFields) -> OutputConstra
     try:
         state.engine.check_constraint(constraint)
     except EngineRequestError as e:
-        raise bad_request(str(e), param=param, code="invalid_constraint") from None
+        raise invalid(str(e), param) from None
     return constraint
 
 

@@ -96,7 +96,7 @@ def test_chat_takes_the_same_fields():
 )  # fmt: skip
 def test_bad_constraints_are_400s_naming_the_field(fields, param, fragment):
     error = refused(**fields)
-    assert error.param == param
+    assert error.param == param and error.code == "invalid_constraint"
     assert fragment in error.message, error.message
 
 
