@@ -46,13 +46,14 @@ def _trial(target: str, config: str, tok_s: float, tpot: float, extra: dict) -> 
 
 
 def test_report_tables():
-    acc = {"acceptance_rate": 0.5, "mean_acceptance_length": 2.5, "per_position": [0.8, 0.6]}
+    acc = {"drafts": 10.0, "acceptance_rate": 0.5, "mean_acceptance_length": 2.5,
+           "per_position": [0.8, 0.6], "server_tpot_ms": 1.5}  # fmt: skip
     trials = [
-        _trial("off", "rewrite-1", 400.0, 2.0, {}),
+        _trial("off", "rewrite-1", 400.0, 2.0, {"server_tpot_ms": 3.0}),
         _trial("ngram", "rewrite-1", 600.0, 1.0, acc),
     ]
     meta = {"date": "d", "command": "c", "engine": {}, "rounds": 1, "speculators": {}}
     table = spec_decode.markdown_renderer(trials)(summarize(trials), meta)
-    assert "| rewrite | 1 | ngram | 600.0 | 1.00 | 10.0 | 0.50 | 2.50 | 0.80 0.60 |" in table
-    assert "| rewrite | 1 | off | 400.0 | 2.00 | 10.0 | – | – | – |" in table
+    assert "| rewrite | 1 | ngram | 600.0 | 1.50 | 1.00 | 10.0 | 0.50 | 2.50 | 0.80 0.60 |" in table
+    assert "| rewrite | 1 | off | 400.0 | 3.00 | 2.00 | 10.0 | – | – | – |" in table
     assert "| rewrite | 1 | ngram | 1.50× | 0.50× |" in table
