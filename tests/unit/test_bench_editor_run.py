@@ -43,10 +43,13 @@ async def test_an_editor_run_cancels_on_keystrokes_and_shows_what_finishes_in_ti
     assert e["completions_shown"] > 0 and e["requests_cancelled"] > 0 and e["requests_failed"] == 0
     # The server saw the cancelled requests go: counted as aborts, with their tokens.
     assert e["server_aborted_client_disconnect"] == app.aborted
-    # Every cancelled request the server had answered (headers seen) is an abort there;
+    # Every cancelled request the server had answered (headers seen) is an abort there,
+    # unless the cancel raced its last token (the server finished it: a 200 not shown);
     # one cancelled while still on the client (a loaded machine) never reached it.
     started = sum(1 for r in res.records if r.cancelled and r.first_byte is not None)
-    assert 0 < started <= app.aborted <= e["requests_cancelled"]
+    finished_unseen = app.statuses["200"] - e["completions_shown"]
+    assert 0 < started <= app.aborted + finished_unseen
+    assert app.aborted <= e["requests_cancelled"]
     w = e["wasted_output_tokens"]
     assert w["source"] == "server" and w["value"] == app.aborted_tokens > 0
     assert 0 < w["client_partial_streams"] <= w["value"]
