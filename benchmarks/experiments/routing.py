@@ -233,7 +233,11 @@ def measure(workload: str, spec: dict[str, Any], base_url: str, ports: list[int]
 def run_router(router: str, args: argparse.Namespace, out: Path) -> dict[str, dict]:
     server, ports = start_router(router, out, args.kv_cache_gib)
     try:
-        return {w: measure(w, spec, server.base_url, ports) for w, spec in profiles(args).items()}
+        return {
+            w: measure(w, spec, server.base_url, ports)
+            for w, spec in profiles(args).items()
+            if w in args.workloads.split(",")
+        }
     finally:
         # The driver's session holds its Ray (raylet, workers, HAProxy): all of it goes.
         server.stop(timeout=120)
@@ -329,6 +333,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     p.add_argument("--trials", type=int, default=1, help="rounds (each router once per round)")
     p.add_argument("--routers", default=",".join(ROUTERS), help="comma-separated")
+    p.add_argument("--workloads", default="editor,shared_prefix", help="comma-separated")
     p.add_argument("--editor-s", type=float, default=60.0, help="editor workload duration")
     p.add_argument("--groups", type=int, default=24, help="shared-prefix groups")
     p.add_argument("--per-group", type=int, default=6, help="shared-prefix requests per group")
