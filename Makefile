@@ -15,9 +15,9 @@ STAMP := $(VENV)/.installed
 # helm for the chart tests (tests/e2e/test_chart*.py), installed into the repo.
 HELM := .tools/helm
 
-.PHONY: setup helm serve test test-unit lint format demo-model bench parity soak ray-bench clean
+.PHONY: setup helm prometheus serve test test-unit lint format demo-model bench parity soak ray-bench clean
 
-setup: $(STAMP) demo-model $(HELM)
+setup: $(STAMP) demo-model $(HELM) prometheus
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,15 @@ $(HELM): tools/install_helm.py | $(STAMP)
 	$(BIN)/python tools/install_helm.py $@
 
 helm: $(HELM)
+
+# Debian's Prometheus (with promtool) for tests/integration/test_prometheus.py and the
+# promtool rule tests: installed once when missing (as root, or through sudo), silent when present.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  echo "installing Debian's prometheus (for the Prometheus tests)"; \
+	  $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 demo-model: $(STAMP)
 	$(BIN)/codellama-serve demo-model
