@@ -180,6 +180,42 @@ class AdmissionConfig(Section):
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429 and 503.")
 
 
+class ConnectionsConfig(Section):
+    """Client connections: how many, how long they may idle, how slowly they may read."""
+
+    limit_concurrency: int | None = Field(
+        8192,
+        ge=1,
+        description="Most open connections (idle keep-alive ones included) or requests at "
+        "once; past it new requests get 503 (uvicorn's --limit-concurrency). The server "
+        "raises its file-descriptor limit to fit. none: bounded only by file descriptors.",
+    )
+    timeout_keep_alive_s: float = Field(
+        30.0,
+        gt=0,
+        description="Close a keep-alive connection after this long idle (uvicorn's "
+        "--timeout-keep-alive).",
+    )
+    backlog: int = Field(
+        2048, ge=1, description="Connections the kernel queues before the server accepts them."
+    )
+    stream_write_timeout_s: float | None = Field(
+        30.0,
+        gt=0,
+        description="A stream whose client takes no data for this long (it stopped reading "
+        "while its generation runs) is aborted in the engine and its connection closed. "
+        "none: wait for the client forever.",
+    )
+    socket_send_buffer_bytes: int | None = Field(
+        None,
+        ge=4096,
+        description="Kernel send buffer of each client connection (SO_SNDBUF; none: the "
+        "kernel's, autotuned up to net.ipv4.tcp_wmem's maximum). What a client that stops "
+        "reading can hold in the kernel; a smaller one shows the stall to "
+        "--stream-write-timeout-s sooner.",
+    )
+
+
 class RayConfig(Section):
     """Cluster mode: Ray Serve replicas, placement and autoscaling (`serve --ray`)."""
 
@@ -267,6 +303,7 @@ class Settings(Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    connections: ConnectionsConfig = Field(default_factory=ConnectionsConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
 
@@ -394,6 +431,10 @@ class ResolvedSettings(BaseModel):
     @property
     def admission(self) -> AdmissionConfig:
         return self.settings.admission
+
+    @property
+    def connections(self) -> ConnectionsConfig:
+        return self.settings.connections
 
     @property
     def ray(self) -> RayConfig:

@@ -147,6 +147,12 @@ class Run:
             if not self.finished:
                 await self._abort()
 
+    def stalled(self) -> None:
+        """The client stopped reading the stream (the write timeout): stopping the run now
+        counts as that, not as a disconnect."""
+        if not self.finished and not self.timed_out:
+            self.abort_reason = "write_timeout"
+
     def _on_timeout(self) -> None:
         self.timed_out = True
         # Aborting ends the engine streams with a final "abort" step.
@@ -190,7 +196,7 @@ class Run:
         m.requests.labels(endpoint=self.endpoint, status=str(status)).inc()
         if self.timed_out:
             self.abort_reason = "timeout"
-        elif status == CLIENT_CLOSED and not self.finished:
+        elif status == CLIENT_CLOSED and not self.finished and self.abort_reason is None:
             self.abort_reason = "client_disconnect"
         if self.abort_reason is not None:
             m.aborted.labels(reason=self.abort_reason).inc()
