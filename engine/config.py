@@ -216,6 +216,23 @@ class ConnectionsConfig(Section):
     )
 
 
+class TracingConfig(Section):
+    """OpenTelemetry traces: one span per API request, with its engine phases as children."""
+
+    otlp_traces_endpoint: str | None = Field(
+        None,
+        description="Where to send OpenTelemetry traces over OTLP (vLLM's flag), e.g. "
+        "grpc://collector:4317, or http://collector:4318/v1/traces with "
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf. The standard OTEL_* variables set "
+        "the service name, headers, protocol and sampler. none: no tracing.",
+    )
+    otlp_traces_prompts: bool = Field(
+        False,
+        description="Add each request's prompt text (as the engine saw it) to its span. Off: "
+        "spans carry token counts, never prompt text.",
+    )
+
+
 class RayConfig(Section):
     """Cluster mode: Ray Serve replicas, placement and autoscaling (`serve --ray`)."""
 
@@ -304,6 +321,7 @@ class Settings(Section):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     connections: ConnectionsConfig = Field(default_factory=ConnectionsConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
 
@@ -435,6 +453,10 @@ class ResolvedSettings(BaseModel):
     @property
     def connections(self) -> ConnectionsConfig:
         return self.settings.connections
+
+    @property
+    def tracing(self) -> TracingConfig:
+        return self.settings.tracing
 
     @property
     def ray(self) -> RayConfig:

@@ -13,7 +13,7 @@ from engine.api.admission import Ticket
 from engine.api.errors import MAPPED_ERRORS, APIError, api_error
 from engine.api.state import ServerState
 from engine.api.streaming import CLIENT_CLOSED
-from engine.llm import SamplingOptions, StepOutput
+from engine.llm import EngineTimings, SamplingOptions, StepOutput
 
 Steps = AsyncIterator[tuple[int, StepOutput]]  # (prompt index, engine step)
 _StepStream = AsyncGenerator[tuple[int, StepOutput], None]
@@ -40,6 +40,9 @@ class Run:
     _stream: _StepStream | None = None
     _recorded: bool = False
     abort_reason: str | None = None  # why the engine stopped it early, once recorded
+    status: int | None = None  # the outcome recorded in the metrics (499: the client left)
+    # The engine's phases per prompt, when the engine reports them (tracing).
+    _timings: dict[int, EngineTimings] | None = None
 
     def __post_init__(self) -> None:
         self.tokens_per_choice = [0] * (len(self.prompts) * self.options.n)
@@ -62,6 +65,16 @@ class Run:
         if self.first_token_at is None or longest < 2:
             return None
         return (self.last_token_at - self.first_token_at) / (longest - 1)
+
+    @property
+    def timings(self) -> EngineTimings | None:
+        """When the engine reached each phase (over all prompts), if it reported it."""
+        if not self._timings:
+            return None
+        merged = None
+        for t in self._timings.values():
+            merged = t if merged is None else merged.merged(t)
+        return merged
 
     def log_fields(self) -> dict[str, Any]:
         """What the request's JSON log line says about its generation."""
@@ -160,6 +173,10 @@ class Run:
 
     def _count(self, prompt_index: int, n: int, step: StepOutput) -> None:
         now = time.monotonic()
+        if step.timings is not None:  # tracing: each prompt's latest figures
+            if self._timings is None:
+                self._timings = {}
+            self._timings[prompt_index] = step.timings
         if step.first_token_latency is not None and self.first_token_at is None:
             # A non-streamed request arrives whole: the engine timed its tokens.
             self.first_token_at = self.arrival + step.first_token_latency
@@ -189,6 +206,7 @@ class Run:
         if self._recorded:
             return
         self._recorded = True
+        self.status = status
         self.ticket.release(self.completion_tokens)
         self.state.request_finished()
         m = self.state.metrics
