@@ -209,3 +209,42 @@ def test_the_open_file_limit_is_raised_to_fit_the_connections():
         assert raise_fd_limit(10) == want  # never lowered
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_past_the_concurrency_limit_new_requests_get_503(demo_tokenizer):
+    """--limit-concurrency reaches uvicorn: idle connections count towards it."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    from tests.conftest import free_port
+
+    app, _, _ = make_server(demo_tokenizer, limit_concurrency=4)
+    port = free_port()
+    config = uvicorn_config(app, app.state.server.settings)
+    config.port, config.loop, config.log_level = port, "asyncio", "warning"
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    idle = []
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(url + "/health").status_code == 200
+        for _ in range(4):
+            idle.append(socket.create_connection(("127.0.0.1", port)))
+        time.sleep(0.2)
+        assert httpx.get(url + "/health").status_code == 503
+        for s in idle:
+            s.close()
+        time.sleep(0.2)
+        assert httpx.get(url + "/health").status_code == 200
+    finally:
+        for s in idle:
+            s.close()
+        server.should_exit = True
+        thread.join(10)
