@@ -76,8 +76,12 @@ class SSEResponse(StreamingResponse):
         try:
             await super().__call__(scope, receive, send)
         except WriteTimeout:
-            # Returning with the response unfinished makes the server close the connection.
-            log.warning("a stream's client took no data for %g s: aborted", self._write_timeout_s)
+            # Returning with the response unfinished makes the server close the connection
+            # (uvicorn logs "ASGI callable returned without completing response").
+            log.warning(
+                "a stream's client took no data for %g s: aborted, closing its connection",
+                self._write_timeout_s,
+            )
             self._on_write_timeout()
         finally:
             for it in (self._body, self._frames):
