@@ -169,8 +169,15 @@ class Measurable(Protocol):
 
 
 def server_trial(
-    target: Measurable, cfg: LoadConfig, prompts: Path, out: Path, rnd: int, pin: str | None = None
+    target: Measurable,
+    cfg: LoadConfig,
+    prompts: Path,
+    out: Path,
+    rnd: int,
+    pin: str | None = None,
+    extra_args: Sequence[str] = (),
 ) -> Trial:
+    """One harness run against `target`; `extra_args` go to `bench run` (e.g. --temperature)."""
     report_dir = out / f"{cfg.name}-{target.name}-{rnd}"
     cmd = harness_command(
         "run", "--base-url", target.url,
@@ -179,7 +186,7 @@ def server_trial(
         "--set", "dataset.shuffle=false", "--max-tokens", str(cfg.output_tokens), "--ignore-eos",
         "--stream" if cfg.stream else "--no-stream", "--warmup", "0", "--no-progress",
         "--no-plots", "--no-server-metrics", "--token-check", "never", "--quiet",
-        "--out", str(report_dir),
+        "--out", str(report_dir), *extra_args,
     )  # fmt: skip
     if pin:
         cmd = ["taskset", "-c", pin, *cmd]

@@ -158,6 +158,10 @@ def summarize(
     slo = slo or SLO()
     th = thresholds or Thresholds()
     everything = all_records if all_records is not None else records
+    # Requests the client cancelled on purpose (editor keystrokes) are neither
+    # completions nor failures: counted apart, out of the latency figures.
+    sent = records
+    records = [r for r in sent if not r.cancelled]
     a, b = window
     duration = max(b - a, 1e-9)
     ok = [r for r in records if r.ok]
@@ -192,12 +196,13 @@ def summarize(
 
     # Ours: accounting, the load actually applied, and whether to trust it.
     s["requests"] = len(records)
+    s["cancelled"] = len(sent) - len(records)
     s["good_requests"] = good
     s["slo"] = slo.model_dump(exclude_none=True) or None
     s["errors"] = error_summary(failed)
     s["streamed_without_tokens"] = sum(1 for r in ok if not r.token_times and r.chunks > 1)
     s |= token_accounting(ok)
-    s["load"] = load_stats(records, open_loop, th, percentiles, offered)
+    s["load"] = load_stats(sent, open_loop, th, percentiles, offered)
     return s
 
 

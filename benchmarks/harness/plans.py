@@ -23,6 +23,7 @@ from benchmarks.harness.profile.schema import (
     TraceLoad,
 )
 from benchmarks.harness.profile.traces import TraceEntry, trace_schedule
+from benchmarks.harness.profile.workloads import SessionsLoad
 
 
 @dataclass
@@ -75,6 +76,8 @@ def peak_concurrency(p: Profile) -> int:
         return load.concurrency
     if isinstance(load, StepsLoad) and load.closed:
         return max(s.concurrency or 1 for s in load.steps)
+    if isinstance(load, SessionsLoad):  # at most one request in flight per session
+        return load.sessions
     cap = getattr(load, "max_concurrency", None)
     if cap:
         return cap

@@ -39,3 +39,6 @@ class RunResult:
     sweep: dict[str, Any] | None = None
     warmup: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # Sections of the workload and of scoring (`editor`, `chat_sessions`, `shared_prefix`,
+    # `quality`): written as top-level keys of the JSON report.
+    sections: dict[str, Any] = field(default_factory=dict)

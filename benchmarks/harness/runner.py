@@ -33,12 +33,16 @@ from benchmarks.harness.phases import Phase, PhaseRunner
 from benchmarks.harness.plans import peak_concurrency, single_plan, sweep_step
 from benchmarks.harness.profile.schema import Profile, SweepLoad, TraceLoad
 from benchmarks.harness.profile.traces import TraceEntry, read_trace
+from benchmarks.harness.profile.workloads import SessionsLoad
 from benchmarks.harness.progress import Progress
+from benchmarks.harness.quality.section import quality_section
 from benchmarks.harness.records import RequestRecord, now, retokenize
 from benchmarks.harness.results import RunResult, StepResult, WarmupFailed
 from benchmarks.harness.server_metrics import ServerMetricsRecorder, deltas, gauge_stats
+from benchmarks.harness.session_phase import SessionWorkload, run_sessions
 from benchmarks.harness.sweeps import saturation_reason, sweep_summary
 from benchmarks.harness.transport import HttpLibrary, Transport, make_transport
+from benchmarks.harness.workload_sections import build_session_workload, workload_sections
 
 
 class Runner:
@@ -65,6 +69,7 @@ class Runner:
         self.token_check = token_check
         self.log = log or (lambda _msg: None)
         self._tokenizer: Any = None
+        self.workload: SessionWorkload | None = None  # a `sessions` load's users
 
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
@@ -94,6 +99,7 @@ class Runner:
             warmup = await self._warmup(items)
             stream = iter(items) if trace is not None else cycle(items)
             phases, steps, sweep, client_cpu = await self._measure(stream, trace)
+            quality = await self._quality(phases.records, items)
         finally:
             if self._transport is None:
                 await http.aclose()
@@ -120,6 +126,9 @@ class Runner:
             },
         )
         self._overall(result, phases.phases)
+        result.sections = workload_sections(result, self.workload)
+        if quality is not None:
+            result.sections["quality"] = quality
         result.warnings = collect_warnings(result, metrics_ok, self.recorder.error)
         return result
 
@@ -141,6 +150,8 @@ class Runner:
         try:
             if isinstance(p.load, SweepLoad):
                 steps, sweep = await self._sweep(phases, p.load, items)
+            elif self.workload is not None:
+                steps = await run_sessions(phases, self.workload)
             else:
                 steps = await phases.run(single_plan(p, trace), items, 0)
         finally:
@@ -174,6 +185,9 @@ class Runner:
 
     def _items(self) -> tuple[list[RequestItem], list[TraceEntry] | None]:
         p = self.profile
+        if isinstance(p.load, SessionsLoad):
+            self.workload = build_session_workload(p, self.tokenizer(), keep_items=bool(p.quality))
+            return self.workload.warmup_items(max(1, p.warmup_requests)), None
         if isinstance(p.load, TraceLoad):
             entries = read_trace(p.load.path)
             return trace_items(entries, self.tokenizer, np.random.default_rng(p.seed)), entries
@@ -187,11 +201,27 @@ class Runner:
             self.client.t0 = now()
             await self.client.send(item, rec)
             out.append({"item": item.id, "ok": rec.ok, "status": rec.status, "error": rec.error})
-        if out and not any(w["ok"] for w in out):
+        # Sessions go on: their report says how their requests fail (e.g. no `suffix`).
+        if out and not any(w["ok"] for w in out) and self.workload is None:
             raise WarmupFailed(
                 f"every warm-up request to {self.target.api} failed; first error: {out[0]['error']}"
             )
         return out
+
+    async def _quality(
+        self, records: list[RequestRecord], items: list[RequestItem]
+    ) -> dict[str, Any] | None:
+        """Score the outputs, if the profile asks (equivalence resends prompts alone)."""
+        if self.profile.quality is None:
+            return None
+        by_id = {it.id: it for it in items}
+        workload = self.workload
+
+        def item_of(rec: RequestRecord) -> RequestItem | None:
+            return workload.item_of(rec) if workload is not None else by_id.get(rec.item_id)
+
+        self.log("scoring outputs (quality)")
+        return await quality_section(self.client, records, item_of, self.profile, self.log)
 
     def _check_tokens(self, records: list[RequestRecord]) -> None:
         """Re-tokenize generated text: the fallback count, and a check on `usage`."""

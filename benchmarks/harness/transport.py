@@ -22,6 +22,7 @@ HttpLibrary = Literal["aiohttp", "httpx"]
 class TransportResponse(Protocol):
     status: int
 
+    def header(self, name: str) -> str | None: ...
     async def read(self) -> bytes: ...
     def chunks(self) -> AsyncIterator[bytes]: ...
 
@@ -60,6 +61,10 @@ class _AiohttpResponse:
     @property
     def status(self) -> int:
         return int(self.raw.status)
+
+    def header(self, name: str) -> str | None:
+        value = self.raw.headers.get(name)
+        return None if value is None else str(value)
 
     async def read(self) -> bytes:
         return bytes(await self.raw.read())
@@ -109,6 +114,10 @@ class _HttpxResponse:
     @property
     def status(self) -> int:
         return int(self.raw.status_code)
+
+    def header(self, name: str) -> str | None:
+        value = self.raw.headers.get(name)
+        return None if value is None else str(value)
 
     async def read(self) -> bytes:
         return bytes(await self.raw.aread())

@@ -64,6 +64,13 @@ def test_keys(hardened):
     assert mine[0]["completion_tokens"] == 2 and "ttft_ms" in mine[0]
 
 
+def test_tokenizer_endpoints_need_a_key(hardened):
+    for path, body in (("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1, 2]})):
+        r = httpx.post(hardened.base_url + path, json=body)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.post(hardened.base_url + path, json=body, headers=auth()).status_code == 200
+
+
 def test_requests_per_minute(hardened):
     url = hardened.base_url + "/v1/completions"
     codes = [

@@ -68,6 +68,7 @@ def run_to_json(
     out["sweep"] = result.sweep
     out["server"] = result.server
     out["client"] = result.client
+    out |= result.sections
     out["warmup"] = result.warmup
     out["warnings"] = result.warnings
     out["settings"] = p.model_dump(mode="json")
