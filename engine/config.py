@@ -307,6 +307,59 @@ class PriorityConfig(Section):
         return parse_priority_classes(self.priority_classes)
 
 
+class ConnectionsConfig(Section):
+    """Client connections: how many, how long they may idle, how slowly they may read."""
+
+    limit_concurrency: int | None = Field(
+        8192,
+        ge=1,
+        description="Most open connections (idle keep-alive ones included) or requests at "
+        "once; past it new requests get 503 (uvicorn's --limit-concurrency). The server "
+        "raises its file-descriptor limit to fit. none: bounded only by file descriptors.",
+    )
+    timeout_keep_alive_s: float = Field(
+        30.0,
+        gt=0,
+        description="Close a keep-alive connection after this long idle (uvicorn's "
+        "--timeout-keep-alive).",
+    )
+    backlog: int = Field(
+        2048, ge=1, description="Connections the kernel queues before the server accepts them."
+    )
+    stream_write_timeout_s: float | None = Field(
+        30.0,
+        gt=0,
+        description="A stream whose client takes no data for this long (it stopped reading "
+        "while its generation runs) is aborted in the engine and its connection closed. "
+        "none: wait for the client forever.",
+    )
+    socket_send_buffer_bytes: int | None = Field(
+        None,
+        ge=4096,
+        description="Kernel send buffer of each client connection (SO_SNDBUF; none: the "
+        "kernel's, autotuned up to net.ipv4.tcp_wmem's maximum). What a client that stops "
+        "reading can hold in the kernel; a smaller one shows the stall to "
+        "--stream-write-timeout-s sooner.",
+    )
+
+
+class TracingConfig(Section):
+    """OpenTelemetry traces: one span per API request, with its engine phases as children."""
+
+    otlp_traces_endpoint: str | None = Field(
+        None,
+        description="Where to send OpenTelemetry traces over OTLP (vLLM's flag), e.g. "
+        "grpc://collector:4317, or http://collector:4318/v1/traces with "
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL=http/protobuf. The standard OTEL_* variables set "
+        "the service name, headers, protocol and sampler. none: no tracing.",
+    )
+    otlp_traces_prompts: bool = Field(
+        False,
+        description="Add each request's prompt text (as the engine saw it) to its span. Off: "
+        "spans carry token counts, never prompt text.",
+    )
+
+
 class RayConfig(Section):
     """Cluster mode: Ray Serve replicas, placement and autoscaling (`serve --ray`)."""
 
@@ -516,6 +569,8 @@ class Settings(Section):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     priority: PriorityConfig = Field(default_factory=PriorityConfig)
+    connections: ConnectionsConfig = Field(default_factory=ConnectionsConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     decoding: DecodingConfig = Field(default_factory=DecodingConfig)
 
@@ -655,6 +710,14 @@ class ResolvedSettings(BaseModel):
     @property
     def priority(self) -> PriorityConfig:
         return self.settings.priority
+
+    @property
+    def connections(self) -> ConnectionsConfig:
+        return self.settings.connections
+
+    @property
+    def tracing(self) -> TracingConfig:
+        return self.settings.tracing
 
     @property
     def ray(self) -> RayConfig:

@@ -2,7 +2,8 @@
 
 Everything vLLM-version specific lives here, so an upgrade touches one file.
 What crosses the boundary are this module's own small types: `SamplingOptions`
-in, `StepOutput` out, `EngineStats` for metrics and health.
+in, `StepOutput` out (with `EngineTimings` when asked for), `EngineStats` for metrics
+and health.
 """
 
 from __future__ import annotations
@@ -109,6 +110,35 @@ class SequenceDelta:
     logprobs: list[TokenLogprob] | None
 
 
+@dataclass(frozen=True, slots=True)
+class EngineTimings:
+    """When the engine reached each phase of a request so far, as `time.monotonic()` of
+    this machine (the engine core's clock); 0.0: not reached yet."""
+
+    arrival: float  # the engine's frontend took the request
+    queued: float  # the scheduler queued it
+    scheduled: float  # first scheduled: prefill starts
+    first_token: float
+    last_token: float
+    preemptions: int = 0
+
+    def merged(self, other: EngineTimings) -> EngineTimings:
+        """One request's timings over several engine requests (prompts): earliest start of
+        each phase, latest last token."""
+
+        def first(a: float, b: float) -> float:
+            return min(a, b) if a and b else a or b
+
+        return EngineTimings(
+            arrival=first(self.arrival, other.arrival),
+            queued=first(self.queued, other.queued),
+            scheduled=first(self.scheduled, other.scheduled),
+            first_token=first(self.first_token, other.first_token),
+            last_token=max(self.last_token, other.last_token),
+            preemptions=self.preemptions + other.preemptions,
+        )
+
+
 @dataclass(slots=True)
 class StepOutput:
     sequences: list[SequenceDelta]
@@ -121,6 +151,9 @@ class StepOutput:
     decode_time: float | None = None
     # Times the engine has preempted this request so far (its KV cache was needed).
     preemptions: int = 0
+    # The request's phases so far, on every step when the engine was built with
+    # `timings=True` (tracing); None otherwise.
+    timings: EngineTimings | None = None
 
 
 @dataclass(slots=True)
@@ -318,6 +351,8 @@ class Engine:
 
     def __init__(self, settings: ResolvedSettings) -> None:
         self.settings = settings
+        # Engine timestamps on every step, for the request spans (costs nothing when off).
+        self.timings = settings.tracing.otlp_traces_endpoint is not None
         self.stats = EngineStats()
         self.info: ModelInfo | None = None
         self._llm: Any = None
@@ -444,6 +479,7 @@ class Engine:
                     num_cached_tokens=out.num_cached_tokens or 0,
                     preemptions=_preemptions(out),
                     **({} if options.stream else _timing(out)),
+                    timings=_engine_timings(out) if self.timings else None,
                 )
         except VllmEngineDeadError as e:
             raise EngineDeadError("the engine process has died") from e
@@ -576,6 +612,22 @@ def _preemptions(out: Any) -> int:
     # The request's running count (vLLM's RequestStateStats, kept while stats are logged).
     m = getattr(out, "metrics", None)
     return int(getattr(m, "num_preemptions", 0) or 0)
+
+
+def _engine_timings(out: Any) -> EngineTimings | None:
+    m = getattr(out, "metrics", None)  # vLLM's RequestStateStats (kept when stats are on)
+    if m is None:
+        return None
+    # The arrival is wall-clock time; the rest the engine core's monotonic clock.
+    arrival = m.arrival_time - (time.time() - time.monotonic()) if m.arrival_time else 0.0
+    return EngineTimings(
+        arrival=arrival,
+        queued=m.queued_ts,
+        scheduled=m.scheduled_ts,
+        first_token=m.first_token_ts,
+        last_token=m.last_token_ts,
+        preemptions=m.num_preemptions,
+    )
 
 
 def configure_vllm_logging(level: str) -> None:

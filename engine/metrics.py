@@ -166,7 +166,7 @@ class Metrics:
         self.aborted = Counter(
             f"{p}_requests_aborted",
             "Requests aborted in the engine before they finished, by reason "
-            "(client_disconnect, timeout).",
+            "(client_disconnect, timeout, write_timeout).",
             ["reason"], registry=r,
         )  # fmt: skip
         self.aborted_tokens = Counter(

@@ -121,11 +121,11 @@ async def serve_generation(
         async with run.closes_on_error():
             steps = await unless_disconnected(request, primed(run.steps()))
         return SSEResponse(
-            render.frames(steps),
-            run.close,
-            headers=headers,
+            render.frames(steps), run.close, headers=headers,
             coalesce_s=state.settings.stream_coalesce_s,
-        )
+            write_timeout_s=state.settings.connections.stream_write_timeout_s,
+            on_write_timeout=run.stalled,
+        )  # fmt: skip
     body = await unless_disconnected(request, _collect(run, render))
     return Response(orjson.dumps(body), media_type="application/json", headers=headers)
 
