@@ -15,9 +15,9 @@ STAMP := $(VENV)/.installed
 # helm for the chart tests (tests/e2e/test_chart*.py), installed into the repo.
 HELM := .tools/helm
 
-.PHONY: setup helm serve test test-unit lint format demo-model bench parity soak ray-bench routing-bench spec-bench clean
+.PHONY: setup helm prometheus serve test test-unit lint format demo-model bench parity soak ray-bench routing-bench spec-bench priority-bench clean
 
-setup: $(STAMP) demo-model $(HELM)
+setup: $(STAMP) demo-model $(HELM) prometheus
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,27 @@ $(HELM): tools/install_helm.py | $(STAMP)
 	$(BIN)/python tools/install_helm.py $@
 
 helm: $(HELM)
+
+# Debian's Prometheus (with promtool) for tests/integration/test_prometheus.py and the
+# promtool rule tests (tests/e2e/test_alert_rules.py): installed when missing (as root, or
+# through sudo). Setup fails, loudly, where it cannot be installed: those tests need it.
+# A policy-rc.d for the install (unless the machine has one) keeps the package from starting
+# a Prometheus service on :9090; the tests start their own on a free port.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+prometheus:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "make setup: no apt-get here; install Prometheus" \
+	    "2.x (prometheus and promtool on PATH) for the Prometheus tests" >&2; exit 1; }; \
+	  echo "installing Debian's prometheus (for the Prometheus tests)"; \
+	  $(SUDO) apt-get update -qq || exit 1; \
+	  own_policy=; [ -e /usr/sbin/policy-rc.d ] || { own_policy=1; $(SUDO) sh -c \
+	    'printf "#!/bin/sh\nexit 101\n" >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d'; }; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null; rc=$$?; \
+	  [ -z "$$own_policy" ] || $(SUDO) rm -f /usr/sbin/policy-rc.d; \
+	  [ $$rc = 0 ] || { echo "make setup: apt-get install prometheus failed" >&2; exit $$rc; }; }
+	@prometheus --version >/dev/null 2>&1 && promtool --version >/dev/null 2>&1 || { \
+	  echo "make setup: prometheus/promtool are on PATH but do not run" >&2; exit 1; }
 
 demo-model: $(STAMP)
 	$(BIN)/codellama-serve demo-model
@@ -90,6 +111,13 @@ routing-bench: setup
 # make spec-bench SPEC_BENCH_ARGS="--trials 5 --targets off,ngram,suffix"
 spec-bench: setup
 	$(BIN)/python -m benchmarks.experiments.spec_decode $(SPEC_BENCH_ARGS)
+
+# Priority classes (issue 14): a batch key floods the server while an interactive key runs
+# the editor workload, with classes off (fifo), on (priority) and the editors alone (idle),
+# interleaved; results/priority/<time>/summary.json.
+# make priority-bench PRIORITY_BENCH_ARGS="--trials 3 --editor-seconds 60"
+priority-bench: setup
+	$(BIN)/python -m benchmarks.experiments.priority $(PRIORITY_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -2,7 +2,8 @@
 
 Everything vLLM-version specific lives here, so an upgrade touches one file.
 What crosses the boundary are this module's own small types: `SamplingOptions`
-in, `StepOutput` out, `EngineStats` for metrics and health.
+in, `StepOutput` out (with `EngineTimings` when asked for), `EngineStats` for metrics
+and health.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ class SamplingOptions:
     # Streaming gets each step's new tokens; otherwise one final output, with
     # no per-step work in the frontend at all.
     stream: bool = True
+    # vLLM's request priority (lower is served first; with --scheduling-policy priority).
+    priority: int = 0
     constraint: OutputConstraint | None = None  # structured outputs
 
 
@@ -107,6 +110,35 @@ class SequenceDelta:
     logprobs: list[TokenLogprob] | None
 
 
+@dataclass(frozen=True, slots=True)
+class EngineTimings:
+    """When the engine reached each phase of a request so far, as `time.monotonic()` of
+    this machine (the engine core's clock); 0.0: not reached yet."""
+
+    arrival: float  # the engine's frontend took the request
+    queued: float  # the scheduler queued it
+    scheduled: float  # first scheduled: prefill starts
+    first_token: float
+    last_token: float
+    preemptions: int = 0
+
+    def merged(self, other: EngineTimings) -> EngineTimings:
+        """One request's timings over several engine requests (prompts): earliest start of
+        each phase, latest last token."""
+
+        def first(a: float, b: float) -> float:
+            return min(a, b) if a and b else a or b
+
+        return EngineTimings(
+            arrival=first(self.arrival, other.arrival),
+            queued=first(self.queued, other.queued),
+            scheduled=first(self.scheduled, other.scheduled),
+            first_token=first(self.first_token, other.first_token),
+            last_token=max(self.last_token, other.last_token),
+            preemptions=self.preemptions + other.preemptions,
+        )
+
+
 @dataclass(slots=True)
 class StepOutput:
     sequences: list[SequenceDelta]
@@ -117,6 +149,11 @@ class StepOutput:
     # arrival to its first token, and from first to last token.
     first_token_latency: float | None = None
     decode_time: float | None = None
+    # Times the engine has preempted this request so far (its KV cache was needed).
+    preemptions: int = 0
+    # The request's phases so far, on every step when the engine was built with
+    # `timings=True` (tracing); None otherwise.
+    timings: EngineTimings | None = None
 
 
 @dataclass(slots=True)
@@ -216,6 +253,9 @@ def engine_args(settings: ResolvedSettings, model_path: str) -> Any:
         seed=cfg.seed,
         max_logprobs=cfg.max_logprobs,
         distributed_executor_backend=cfg.distributed_executor_backend,
+        # fcfs, or priority: each request's `priority` orders the queue and the
+        # preemptions (docs/design.md, "Priority classes").
+        scheduling_policy=settings.priority.scheduling_policy,
         # We log requests ourselves, once, as JSON.
         enable_log_requests=False,
         # vLLM's own stat loggers (its log lines and vllm:* Prometheus
@@ -315,6 +355,8 @@ class Engine:
 
     def __init__(self, settings: ResolvedSettings) -> None:
         self.settings = settings
+        # Engine timestamps on every step, for the request spans (costs nothing when off).
+        self.timings = settings.tracing.otlp_traces_endpoint is not None
         self.stats = EngineStats()
         self.info: ModelInfo | None = None
         self._llm: Any = None
@@ -418,7 +460,9 @@ class Engine:
             raise EngineNotReadyError("the engine is still loading")
         params = self._sampling_params(options)
         try:
-            async for out in self._llm.generate(tokens_input(prompt_token_ids), params, request_id):
+            async for out in self._llm.generate(
+                tokens_input(prompt_token_ids), params, request_id, priority=options.priority
+            ):
                 yield StepOutput(
                     sequences=[
                         SequenceDelta(
@@ -440,7 +484,9 @@ class Engine:
                     if options.prompt_logprobs is not None and out.prompt_logprobs is not None
                     else None,
                     num_cached_tokens=out.num_cached_tokens or 0,
+                    preemptions=_preemptions(out),
                     **({} if options.stream else _timing(out)),
+                    timings=_engine_timings(out) if self.timings else None,
                 )
         except VllmEngineDeadError as e:
             raise EngineDeadError("the engine process has died") from e
@@ -567,6 +613,28 @@ def _timing(out: Any) -> dict[str, float]:
         "first_token_latency": m.first_token_latency,
         "decode_time": max(0.0, m.last_token_ts - m.first_token_ts),
     }
+
+
+def _preemptions(out: Any) -> int:
+    # The request's running count (vLLM's RequestStateStats, kept while stats are logged).
+    m = getattr(out, "metrics", None)
+    return int(getattr(m, "num_preemptions", 0) or 0)
+
+
+def _engine_timings(out: Any) -> EngineTimings | None:
+    m = getattr(out, "metrics", None)  # vLLM's RequestStateStats (kept when stats are on)
+    if m is None:
+        return None
+    # The arrival is wall-clock time; the rest the engine core's monotonic clock.
+    arrival = m.arrival_time - (time.time() - time.monotonic()) if m.arrival_time else 0.0
+    return EngineTimings(
+        arrival=arrival,
+        queued=m.queued_ts,
+        scheduled=m.scheduled_ts,
+        first_token=m.first_token_ts,
+        last_token=m.last_token_ts,
+        preemptions=m.num_preemptions,
+    )
 
 
 def configure_vllm_logging(level: str) -> None:

@@ -83,6 +83,10 @@ def create_app(
     # Added last = outermost: every response, refusals included, gets its request id.
     app.add_middleware(GateMiddleware, state=state)
     app.add_middleware(RequestContextMiddleware, state=state)
+    if settings.tracing.otlp_traces_endpoint is not None:
+        from engine.tracing import install_tracing  # the OpenTelemetry SDK only when on
+
+        install_tracing(app, state)
 
     _openai_routes(app, state)
     tokenizer_routes(app, state)

@@ -81,7 +81,11 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 
 def engine_dead() -> APIError:
-    return APIError(503, "The engine has failed; this server is restarting.", code="engine_dead")
+    # Retry-After: another replica (or this one, restarted) can take the retry.
+    return APIError(
+        503, "The engine has failed; this server is restarting.", code="engine_dead",
+        headers={"Retry-After": "1"},
+    )  # fmt: skip
 
 
 def draining(retry_after_s: int) -> APIError:

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 access_log = logging.getLogger("engine.access")
 
+# The `endpoint` label of a generation path's metrics (the orchestrator's Endpoint.name).
+GENERATION_ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
 REQUEST_ID_HEADER = b"x-request-id"
 REPLICA_HEADER = b"x-codellama-replica"
 _SAFE_ID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
@@ -60,8 +62,18 @@ class RequestContextMiddleware(HTTPMiddleware):
             extra.append((REPLICA_HEADER, self.state.replica_id.encode()))
         response = _HeadersAdded(send, extra)
         await self._within_body_limit(scope, receive, response)
+        self._count_unadmitted(scope, response.status)
         if self.state.settings.server.access_log:
             _log_request(scope, request_id, response.status, started)
+
+    def _count_unadmitted(self, scope: Scope, status: int) -> None:
+        """Count a generation request that never became a run (refused by the gate or at
+        admission, invalid, too large): a run counts itself when it is recorded."""
+        endpoint = GENERATION_ENDPOINTS.get(scope["path"])
+        if endpoint is None or scope.get("method") != "POST" or "run" in scope["state"]:
+            return
+        status = status or 499  # the client left before any answer
+        self.state.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
 
     async def _within_body_limit(self, scope: Scope, receive: Receive, send: _HeadersAdded) -> None:
         """Run the app, answering 413 for a body over the limit (declared or as read)."""

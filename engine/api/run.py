@@ -13,7 +13,7 @@ from engine.api.admission import Ticket
 from engine.api.errors import MAPPED_ERRORS, APIError, api_error
 from engine.api.state import ServerState
 from engine.api.streaming import CLIENT_CLOSED
-from engine.llm import SamplingOptions, StepOutput
+from engine.llm import EngineTimings, SamplingOptions, StepOutput
 
 Steps = AsyncIterator[tuple[int, StepOutput]]  # (prompt index, engine step)
 _StepStream = AsyncGenerator[tuple[int, StepOutput], None]
@@ -40,10 +40,20 @@ class Run:
     _stream: _StepStream | None = None
     _recorded: bool = False
     abort_reason: str | None = None  # why the engine stopped it early, once recorded
+    priority_clamped: bool = False  # it asked for more than its key's class
+    preemptions: list[int] = field(default_factory=list)  # per prompt, as the engine counts
+    status: int | None = None  # the outcome recorded in the metrics (499: the client left)
+    # The engine's phases per prompt, when the engine reports them (tracing).
+    _timings: dict[int, EngineTimings] | None = None
 
     def __post_init__(self) -> None:
         self.tokens_per_choice = [0] * (len(self.prompts) * self.options.n)
+        self.preemptions = [0] * len(self.prompts)
         self.state.request_started()
+
+    @property
+    def priority_class(self) -> str:
+        return self.ticket.priority_class
 
     @property
     def prompt_tokens(self) -> int:
@@ -63,6 +73,16 @@ class Run:
             return None
         return (self.last_token_at - self.first_token_at) / (longest - 1)
 
+    @property
+    def timings(self) -> EngineTimings | None:
+        """When the engine reached each phase (over all prompts), if it reported it."""
+        if not self._timings:
+            return None
+        merged = None
+        for t in self._timings.values():
+            merged = t if merged is None else merged.merged(t)
+        return merged
+
     def log_fields(self) -> dict[str, Any]:
         """What the request's JSON log line says about its generation."""
         fields: dict[str, Any] = {
@@ -73,7 +93,10 @@ class Run:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "max_tokens": self.options.max_tokens,
+            "priority_class": self.priority_class,
         }
+        if self.priority_clamped:
+            fields["priority_clamped"] = True
         if self.first_token_at is not None:
             fields["ttft_ms"] = round((self.first_token_at - self.arrival) * 1000, 2)
         tpot = self.tpot()
@@ -147,6 +170,12 @@ class Run:
             if not self.finished:
                 await self._abort()
 
+    def stalled(self) -> None:
+        """The client stopped reading the stream (the write timeout): stopping the run now
+        counts as that, not as a disconnect."""
+        if not self.finished and not self.timed_out:
+            self.abort_reason = "write_timeout"
+
     def _on_timeout(self) -> None:
         self.timed_out = True
         # Aborting ends the engine streams with a final "abort" step.
@@ -154,6 +183,11 @@ class Run:
 
     def _count(self, prompt_index: int, n: int, step: StepOutput) -> None:
         now = time.monotonic()
+        self.preemptions[prompt_index] = max(self.preemptions[prompt_index], step.preemptions)
+        if step.timings is not None:  # tracing: each prompt's latest figures
+            if self._timings is None:
+                self._timings = {}
+            self._timings[prompt_index] = step.timings
         if step.first_token_latency is not None and self.first_token_at is None:
             # A non-streamed request arrives whole: the engine timed its tokens.
             self.first_token_at = self.arrival + step.first_token_latency
@@ -183,14 +217,16 @@ class Run:
         if self._recorded:
             return
         self._recorded = True
+        self.status = status
         self.ticket.release(self.completion_tokens)
         self.state.request_finished()
         m = self.state.metrics
         now = time.monotonic()
         m.requests.labels(endpoint=self.endpoint, status=str(status)).inc()
+        self._record_class(status, now)
         if self.timed_out:
             self.abort_reason = "timeout"
-        elif status == CLIENT_CLOSED and not self.finished:
+        elif status == CLIENT_CLOSED and not self.finished and self.abort_reason is None:
             self.abort_reason = "client_disconnect"
         if self.abort_reason is not None:
             m.aborted.labels(reason=self.abort_reason).inc()
@@ -209,6 +245,23 @@ class Run:
         tpot = self.tpot()
         if tpot is not None:
             m.tpot.labels(endpoint=self.endpoint).observe(tpot)
+
+    def _record_class(self, status: int, now: float) -> None:
+        """The request in its priority class's series."""
+        c, cls = self.state.metrics.classes, self.priority_class
+        c.requests.labels(cls, str(status)).inc()
+        if self.priority_clamped:
+            c.clamped.labels(cls).inc()
+        if sum(self.preemptions):
+            c.preemptions.labels(cls).inc(sum(self.preemptions))
+        if status != 200:
+            return
+        c.e2e.labels(cls).observe(now - self.arrival)
+        if self.first_token_at is not None:
+            c.ttft.labels(cls).observe(self.first_token_at - self.arrival)
+        tpot = self.tpot()
+        if tpot is not None:
+            c.tpot.labels(cls).observe(tpot)
 
 
 async def merge_streams(

@@ -1,0 +1,71 @@
+"""The operations server: one real server (vLLM on the demo model) for the tracing,
+slow-client, idle-connection and per-key-limit tests, with the settings they exercise:
+API keys with limits, OTLP traces to a receiver in the test process, a short stream write
+timeout and a small socket send buffer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from tests.conftest import ServerProcess, start_server
+from tests.otlp_receiver import OTLPReceiver
+
+OPS_KEY = "sk-ops-unlimited-0123456789"
+BURST_KEY = "sk-burst-rpm-10"  # rpm=10
+TPM_KEY = "sk-tokens-tpm-1000"  # tpm=1000
+TPM = 1000
+WRITE_TIMEOUT_S = 2.0
+SEND_BUFFER_BYTES = 16384
+
+
+@dataclass
+class OpsServer:
+    server: ServerProcess
+    receiver: OTLPReceiver
+
+    @property
+    def base_url(self) -> str:
+        return self.server.base_url
+
+
+def auth(key: str = OPS_KEY) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="session")
+def otlp_receiver() -> Iterator[OTLPReceiver]:
+    receiver = OTLPReceiver()
+    try:
+        yield receiver
+    finally:
+        receiver.close()
+
+
+@pytest.fixture(scope="session")
+def ops(
+    tmp_path_factory: pytest.TempPathFactory, otlp_receiver: OTLPReceiver
+) -> Iterator[OpsServer]:
+    tmp = tmp_path_factory.mktemp("ops")
+    keys = tmp / "keys"
+    keys.write_text(
+        f"{OPS_KEY} name=ops\n{BURST_KEY} name=burst rpm=10\n{TPM_KEY} name=tokens tpm={TPM}\n"
+    )
+    srv = start_server(
+        tmp,
+        "--api-keys-file", str(keys), "--access-log",
+        "--otlp-traces-endpoint", otlp_receiver.endpoint,
+        "--stream-write-timeout-s", str(WRITE_TIMEOUT_S),
+        "--socket-send-buffer-bytes", str(SEND_BUFFER_BYTES),
+        env={
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+            "OTEL_BSP_SCHEDULE_DELAY": "200",  # ms: spans reach the receiver quickly
+        },
+    )  # fmt: skip
+    try:
+        srv.wait_ready()
+        yield OpsServer(srv, otlp_receiver)
+    finally:
+        srv.stop()
