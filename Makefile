@@ -38,6 +38,7 @@ helm: $(HELM)
 
 demo-model: $(STAMP)
 	$(BIN)/codellama-serve demo-model
+	$(BIN)/codellama-serve demo-model --lora
 
 serve: setup
 	$(BIN)/codellama-serve serve --host $(HOST) --port $(PORT) $(ARGS)
