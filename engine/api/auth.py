@@ -3,8 +3,13 @@
 Key sources: `--api-keys` / `CODELLAMA_SERVE_API_KEYS` (comma-separated) and
 `--api-keys-file` (one per line, e.g. a mounted Kubernetes Secret):
 
-    sk-team-a-1234 name=team-a rpm=600 tpm=2000000
+    sk-team-a-1234 name=team-a rpm=600 tpm=2000000 adapters=team-a-sql,team-a-docs
     sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08 name=ci
+    sk-ops-5678 name=ops admin
+
+`adapters=` lists the LoRA adapters a key may use (none listed: the base model
+only; no `adapters=` option: all of them); to a key, any other adapter does not
+exist. `admin` marks a key that may load and unload adapters at runtime.
 
 A key's `name` (or the first 8 hex digits of its digest) is what logs show;
 the key itself is never logged or used as a metric label.
@@ -18,6 +23,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.adapters import AdapterError, check_adapter_name
 from engine.config import AuthConfig
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -33,6 +39,11 @@ class ApiKey:
     digest: bytes = b""
     rpm: int | None = None
     tpm: int | None = None
+    admin: bool = False  # may load and unload LoRA adapters
+    adapters: frozenset[str] | None = None  # LoRA adapters it may use (None: all)
+
+    def may_use(self, adapter: str) -> bool:
+        return self.adapters is None or adapter in self.adapters
 
 
 ANONYMOUS = ApiKey(name="anonymous")
@@ -53,9 +64,14 @@ def _parse_entry(entry: str, where: str, defaults: AuthConfig) -> ApiKey:
         key_digest = digest(secret)
     fields: dict[str, str] = {}
     for option in options:
+        if option == "admin":  # a flag, not name=value
+            fields["admin"] = ""
+            continue
         name, sep, value = option.partition("=")
-        if not sep or name not in ("name", "rpm", "tpm"):
-            raise KeyFileError(f"{where}: unknown option {name!r} (expected name=, rpm=, tpm=)")
+        if not sep or name not in ("name", "rpm", "tpm", "adapters"):
+            raise KeyFileError(
+                f"{where}: unknown option {name!r} (expected name=, rpm=, tpm=, adapters=, admin)"
+            )
         fields[name] = value
     try:
         rpm = int(fields["rpm"]) if "rpm" in fields else defaults.rate_limit_rpm
@@ -63,7 +79,22 @@ def _parse_entry(entry: str, where: str, defaults: AuthConfig) -> ApiKey:
     except ValueError:
         raise KeyFileError(f"{where}: rpm and tpm must be whole numbers") from None
     label = fields.get("name") or "key-" + key_digest.hex()[:8]
-    return ApiKey(name=label, digest=key_digest, rpm=rpm, tpm=tpm)
+    return ApiKey(
+        name=label, digest=key_digest, rpm=rpm, tpm=tpm,
+        admin="admin" in fields, adapters=_adapter_list(fields.get("adapters"), where),
+    )  # fmt: skip
+
+
+def _adapter_list(value: str | None, where: str) -> frozenset[str] | None:
+    if value is None:
+        return None
+    names = frozenset(n for n in value.split(",") if n)
+    try:
+        for n in names:
+            check_adapter_name(n)
+    except AdapterError as e:
+        raise KeyFileError(f"{where}: adapters=: {e}") from None
+    return names
 
 
 class KeyStore:

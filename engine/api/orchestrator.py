@@ -64,7 +64,8 @@ def start_run(
 ) -> tuple[Run, PreparedPrompts]:
     """Check the request, build its prompts and admit it (or raise a 4xx/5xx APIError)."""
     check_serving(state)
-    check_model(state, req.model)
+    key = getattr(request.state, "api_key", ANONYMOUS)
+    adapter = check_model(state, req.model, key)
     prompts = endpoint.prepare(state, req)
     for ids in prompts.token_ids:
         check_context(state, len(ids), prompts.max_tokens, prompts.context_param)
@@ -72,11 +73,10 @@ def start_run(
         req, prompts.max_tokens, stop_token_ids=prompts.stop_token_ids,
         logprobs=prompts.logprobs, prompt_logprobs=prompts.prompt_logprobs,
     )  # fmt: skip
-    key = getattr(request.state, "api_key", ANONYMOUS)
     sequences = len(prompts.token_ids) * options.n
     ticket = state.admission.reserve(key, sequences, sum(map(len, prompts.token_ids)))
     request_id = endpoint.id_prefix + uuid.uuid4().hex
-    run = Run(state, endpoint.name, request_id, prompts.token_ids, options, ticket)
+    run = Run(state, endpoint.name, request_id, prompts.token_ids, options, ticket, adapter)
     request.state.run = run  # for the access log
     return run, prompts
 
