@@ -308,7 +308,8 @@ def test_unload_frees_the_slot(lora_server, copies):
 
 async def test_unload_during_a_request_lets_it_finish(lora_server, copies):
     assert load(lora_server, "busy", copies["same-1"]).status_code == 200
-    body = {"model": "busy", "prompt": "x", "max_tokens": 300, "ignore_eos": True,
+    # Long enough (~5 s here) to be still generating while the test unloads its adapter.
+    body = {"model": "busy", "prompt": "x", "max_tokens": 1000, "ignore_eos": True,
             "stream": True, "temperature": 0}  # fmt: skip
     async with (
         httpx.AsyncClient(base_url=lora_server.base_url, headers=auth(), timeout=120) as c,
@@ -321,9 +322,9 @@ async def test_unload_during_a_request_lets_it_finish(lora_server, copies):
         unload_body = {"lora_name": "busy"}
         gone = await c.post("/v1/unload_lora_adapter", json=unload_body, headers=auth(ADMIN))
         assert gone.status_code == 200
+        assert loaded(lora_server) == 2  # still held: its request runs on
         refused = await c.post("/v1/completions", json={**body, "stream": False})
         assert refused.status_code == 404
-        assert loaded(lora_server) == 2  # still held: its request runs on
         rest = [line async for line in lines if line]
     chunks = [json.loads(x[6:]) for x in rest if x.startswith("data: {")]
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
