@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 # helm for the chart tests (tests/e2e/test_chart*.py), installed into the repo.
 HELM := .tools/helm
 
-.PHONY: setup helm serve test test-unit lint format demo-model bench parity soak ray-bench clean
+.PHONY: setup helm serve test test-unit lint format demo-model bench parity soak ray-bench spec-bench clean
 
 setup: $(STAMP) demo-model $(HELM)
 
@@ -63,22 +63,28 @@ format: $(STAMP)
 # demo model; the report (JSON, Markdown, PNG) goes to results/bench/<time>/.
 # make bench PROFILE=sweep BENCH_ARGS="--duration 20"
 bench: setup
-	$(BIN)/python -m benchmarks.serve_and_bench $(or $(PROFILE),default) $(BENCH_ARGS)
+	$(BIN)/python -m benchmarks.experiments.serve_and_bench $(or $(PROFILE),default) $(BENCH_ARGS)
 
 # Throughput parity (issue 7): ours vs vLLM's OpenAI server vs offline vllm.LLM, interleaved
 # trials; the tables go to results/parity/<time>/. make parity PARITY_ARGS="--trials 5"
 parity: setup
-	$(BIN)/python -m benchmarks.parity $(PARITY_ARGS)
+	$(BIN)/python -m benchmarks.experiments.parity $(PARITY_ARGS)
 
 # Soak (issue 4): ~5 minutes of Poisson load at 80% of the measured saturation; fails on
 # any error; reports memory before/after. make soak SOAK_ARGS="--duration 60"
 soak: setup
-	$(BIN)/python -m benchmarks.soak $(SOAK_ARGS)
+	$(BIN)/python -m benchmarks.experiments.soak $(SOAK_ARGS)
 
 # Cluster-mode cost (issue 6): standalone vs our Ray Serve app vs Ray's LLM app, interleaved;
 # tables in results/ray/<time>/. make ray-bench RAY_BENCH_ARGS="--trials 5"
 ray-bench: setup
-	$(BIN)/python -m benchmarks.ray_modes $(RAY_BENCH_ARGS)
+	$(BIN)/python -m benchmarks.experiments.ray_modes $(RAY_BENCH_ARGS)
+
+# Speculative decoding (issue 15): n-gram speculation on and off, code-rewrite and plain
+# prompts, 1 and 64 streams, interleaved; tables in results/spec/<time>/.
+# make spec-bench SPEC_BENCH_ARGS="--trials 5 --targets off,ngram,suffix"
+spec-bench: setup
+	$(BIN)/python -m benchmarks.experiments.spec_decode $(SPEC_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -10,13 +10,13 @@ import asyncio
 import datetime as dt
 import os
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
-    from benchmarks.client import Target
-    from benchmarks.profiles import Profile
+    from benchmarks.harness.client import Target
+    from benchmarks.harness.profile.schema import Profile
 
 # Heavy imports (numpy, httpx, pydantic models) wait until a bench command runs:
 # `codellama-serve serve` builds this parser too and should not pay for them.
@@ -63,13 +63,19 @@ def _add_common(p: argparse.ArgumentParser, *, target: bool = True) -> None:
     g.add_argument("--arrival", choices=["constant", "poisson", "gamma"])
     g.add_argument("--burstiness", type=float, help="gamma shape (<1 burstier, 1 Poisson)")
     g.add_argument("--max-concurrency", type=int, help="open loop: cap on requests in flight")
+    g.add_argument("--sessions", type=int, help="sessions load (editor): virtual users")
     g.add_argument("--num-requests", type=int)
     g.add_argument("--duration", type=float, help="seconds of load")
     g.add_argument("--rates", type=_csv_floats, help="sweep these rates, e.g. 1,2,4,8")
     g.add_argument("--trace", type=Path, help="replay a JSONL trace")
     g.add_argument("--time-scale", type=float, help="trace: multiply its times")
     g = p.add_argument_group("what is sent")
-    g.add_argument("--dataset", choices=["humaneval", "infill", "chat", "synthetic", "jsonl"])
+    g.add_argument(
+        "--dataset",
+        choices=["humaneval", "infill", "chat", "synthetic", "jsonl", "shared-prefix", "mix"],
+        help="(editor and chat-sessions run as `load: {type: sessions}` profiles: "
+        "editor.yaml, or --set)",
+    )
     g.add_argument("--dataset-path", type=Path, help="jsonl: the file")
     g.add_argument("--input-tokens", type=int, help="synthetic: prompt tokens (fixed)")
     g.add_argument("--output-tokens", type=int, help="max_tokens per request (fixed)")
@@ -138,6 +144,7 @@ def _add_common(p: argparse.ArgumentParser, *, target: bool = True) -> None:
 
 
 def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
+    """`bench` and its subcommands, as a subcommand of `codellama-serve`."""
     bench = subparsers.add_parser(
         "bench",
         help="benchmark any OpenAI-compatible endpoint",
@@ -145,6 +152,28 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_bench_commands(bench)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The harness on its own (`python -m benchmarks run …`): `codellama-serve bench …`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_bench_commands(parser)
+    return run_bench(parser.parse_args(argv))
+
+
+def harness_command(*args: str) -> list[str]:
+    """The argv of the harness in a process of its own, as any other client."""
+    return [sys.executable, "-m", "benchmarks", *args]
+
+
+def add_bench_commands(bench: argparse.ArgumentParser) -> None:
+    """run, sweep, compare, profiles, export-dataset, fake-server."""
     sub = bench.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
     run = sub.add_parser(
         "run",
@@ -175,7 +204,7 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_common(export, target=False)
     export.add_argument("--output", type=Path, required=True, help="the JSONL file to write")
     export.add_argument("--count", type=int, help="rows (default: the dataset's size)")
-    from benchmarks.fake_server import add_arguments as fake_args
+    from benchmarks.harness.fake_server import add_arguments as fake_args
 
     fake = sub.add_parser(
         "fake-server",
@@ -187,51 +216,50 @@ def add_bench_parser(subparsers: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------- profile from flags
 
 
+# (flag, profile field): each flag given goes to its field, in this order (so --max-tokens
+# wins over the max_tokens that --output-tokens sets).
+FLAG_FIELDS: tuple[tuple[str, str], ...] = (
+    ("arrival", "load.arrival"),
+    ("burstiness", "load.burstiness"),
+    ("max_concurrency", "load.max_concurrency"),
+    ("sessions", "load.sessions"),
+    ("time_scale", "load.time_scale"),
+    ("num_requests", "num_requests"),
+    ("duration", "duration_s"),
+    ("dataset", "dataset.type"),
+    ("dataset_path", "dataset.path"),
+    ("input_tokens", "dataset.input_tokens"),
+    ("output_tokens", "dataset.output_tokens"),
+    ("output_tokens", "request.max_tokens"),
+    ("endpoint", "request.endpoint"),
+    ("stream", "request.stream"),
+    ("max_tokens", "request.max_tokens"),
+    ("ignore_eos", "request.ignore_eos"),
+    ("temperature", "request.temperature"),
+    ("timeout", "request.timeout_s"),
+    ("seed", "seed"),
+    ("slo_ttft_ms", "slo.ttft_ms"),
+    ("slo_tpot_ms", "slo.tpot_ms"),
+    ("slo_e2e_ms", "slo.e2e_ms"),
+    ("percentiles", "percentiles"),
+    ("warmup", "warmup_requests"),
+    ("server_metrics", "server_metrics"),
+)
+
+
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     import yaml
 
-    from benchmarks.profiles import set_dotted
+    from benchmarks.harness.profile.files import set_dotted
 
     o: dict[str, Any] = {}
-
-    def put(key: str, value: Any) -> None:
+    load = _load_shape(args)
+    if load is not None:
+        o["load"] = load
+    for flag, key in FLAG_FIELDS:
+        value = getattr(args, flag)
         if value is not None:
-            set_dotted(o, key, value)
-
-    if args.concurrency is not None:
-        o["load"] = {"type": "concurrent", "concurrency": args.concurrency}
-    if args.rate is not None:
-        o["load"] = {"type": "rate", "rate": args.rate}
-    if args.rates:
-        o["load"] = {"type": "sweep", "rates": args.rates}
-    if args.trace is not None:
-        o["load"] = {"type": "trace", "path": str(args.trace)}
-    put("load.arrival", args.arrival)
-    put("load.burstiness", args.burstiness)
-    put("load.max_concurrency", args.max_concurrency)
-    put("load.time_scale", args.time_scale)
-    put("num_requests", args.num_requests)
-    put("duration_s", args.duration)
-    if args.dataset is not None:
-        o.setdefault("dataset", {})["type"] = args.dataset
-    put("dataset.path", str(args.dataset_path) if args.dataset_path else None)
-    put("dataset.input_tokens", args.input_tokens)
-    if args.output_tokens is not None:
-        put("dataset.output_tokens", args.output_tokens)
-        put("request.max_tokens", args.output_tokens)
-    put("request.endpoint", args.endpoint)
-    put("request.stream", args.stream)
-    put("request.max_tokens", args.max_tokens)
-    put("request.ignore_eos", args.ignore_eos)
-    put("request.temperature", args.temperature)
-    put("request.timeout_s", args.timeout)
-    put("seed", args.seed)
-    put("slo.ttft_ms", args.slo_ttft_ms)
-    put("slo.tpot_ms", args.slo_tpot_ms)
-    put("slo.e2e_ms", args.slo_e2e_ms)
-    put("percentiles", args.percentiles)
-    put("warmup_requests", args.warmup)
-    put("server_metrics", args.server_metrics)
+            set_dotted(o, key, str(value) if isinstance(value, Path) else value)
     for kv in args.set:
         key, sep, value = kv.partition("=")
         if not sep:
@@ -240,8 +268,23 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
     return o
 
 
+def _load_shape(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The load block a shape flag asks for; of several, the last of these wins."""
+    load = None
+    if args.concurrency is not None:
+        load = {"type": "concurrent", "concurrency": args.concurrency}
+    if args.rate is not None:
+        load = {"type": "rate", "rate": args.rate}
+    if args.rates:
+        load = {"type": "sweep", "rates": args.rates}
+    if args.trace is not None:
+        load = {"type": "trace", "path": str(args.trace)}
+    return load
+
+
 def profile_from_args(args: argparse.Namespace, default: str = "default") -> Profile:
-    from benchmarks.profiles import Profile, deep_merge, read_profile_dict
+    from benchmarks.harness.profile.files import deep_merge, read_profile_dict
+    from benchmarks.harness.profile.schema import Profile
 
     name = args.profile or default
     data, _ = read_profile_dict(name)
@@ -278,7 +321,7 @@ def _out_dir(args: argparse.Namespace, kind: str) -> Path:
     return Path("results") / "bench" / f"{stamp}-{kind}"
 
 
-def _log(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _log(args: argparse.Namespace) -> Callable[[str], None]:
     if args.quiet:
         return lambda _m: None
     return lambda msg: print(f"[bench] {msg}", file=sys.stderr, flush=True)
@@ -289,7 +332,7 @@ def _progress(args: argparse.Namespace) -> bool:
 
 
 def _parse_target(spec: str, api_key: str | None) -> Target:
-    from benchmarks.client import Target
+    from benchmarks.harness.client import Target
 
     name, sep, url = spec.partition("=")
     if not sep:
@@ -299,29 +342,15 @@ def _parse_target(spec: str, api_key: str | None) -> Target:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    import yaml
-    from pydantic import ValidationError
-
-    from benchmarks.client import Target
-    from benchmarks.profiles import bundled_profiles
-
     cmd = args.bench_command
-    if cmd == "profiles":
-        for name, path in bundled_profiles().items():
-            desc = (yaml.safe_load(path.read_text()) or {}).get("description", "")
-            print(f"{name:14} {' '.join(str(desc).split())[:100]}")
-        return 0
-    if cmd == "fake-server":
-        from benchmarks.fake_server import serve
-
-        return serve(args)
+    without_profile = {"profiles": _list_profiles, "fake-server": _fake_server}
+    if cmd in without_profile:
+        return without_profile[cmd](args)
     if cmd == "export-dataset":
         return _export(args)
     log = _log(args)
-    try:
-        profile = profile_from_args(args, default="sweep" if cmd == "sweep" else "default")
-    except (ValidationError, ValueError, FileNotFoundError) as e:
-        print(f"codellama-serve bench: invalid profile: {e}", file=sys.stderr)
+    profile = _profile_or_none(args, default="sweep" if cmd == "sweep" else "default")
+    if profile is None:
         return 2
     runner_kwargs = {
         "progress": _progress(args),
@@ -332,6 +361,49 @@ def run_bench(args: argparse.Namespace) -> int:
     }
     if cmd == "compare":
         return _compare(args, profile, runner_kwargs, log)
+    return _run(args, profile, runner_kwargs, log)
+
+
+def _profile_or_none(args: argparse.Namespace, default: str = "default") -> Profile | None:
+    """The profile the flags ask for, or None (and the reason on stderr)."""
+    from pydantic import ValidationError
+
+    try:
+        return profile_from_args(args, default=default)
+    except (ValidationError, ValueError, FileNotFoundError) as e:
+        print(f"codellama-serve bench: invalid profile: {e}", file=sys.stderr)
+        return None
+
+
+def _list_profiles(args: argparse.Namespace) -> int:
+    import yaml
+
+    from benchmarks.harness.profile.files import bundled_profiles
+
+    for name, path in bundled_profiles().items():
+        desc = (yaml.safe_load(path.read_text()) or {}).get("description", "")
+        print(f"{name:14} {' '.join(str(desc).split())[:100]}")
+    return 0
+
+
+def _fake_server(args: argparse.Namespace) -> int:
+    from benchmarks.harness.fake_server import serve
+
+    return serve(args)
+
+
+def _run(
+    args: argparse.Namespace,
+    profile: Profile,
+    runner_kwargs: dict[str, Any],
+    log: Callable[[str], None],
+) -> int:
+    from benchmarks.harness.client import Target
+    from benchmarks.harness.report.as_markdown import run_markdown
+    from benchmarks.harness.report.write import write_run_report
+    from benchmarks.harness.results import WarmupFailed
+    from benchmarks.harness.runner import Runner
+
     if not args.base_url:
         print("codellama-serve bench: --base-url is required (or OPENAI_BASE_URL)", file=sys.stderr)
         return 2
@@ -342,18 +414,12 @@ def run_bench(args: argparse.Namespace) -> int:
         metrics_url=args.metrics_url,
         name=args.name,
     )
-    import aiohttp
-    import httpx
-
-    from benchmarks.report import run_markdown, write_run_report
-    from benchmarks.runner import Runner, WarmupFailed
-
     try:
         result = _run_async(Runner(profile, target, log=log, **runner_kwargs).run(), args.loop)
     except WarmupFailed as e:
         print(f"codellama-serve bench: {e}", file=sys.stderr)
         return 2
-    except (OSError, RuntimeError, httpx.HTTPError, aiohttp.ClientError) as e:
+    except _run_errors() as e:
         print(f"codellama-serve bench: {target.api}: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     out = _out_dir(args, profile.name)
@@ -372,27 +438,20 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def _compare(
-    args: argparse.Namespace, profile: Profile, runner_kwargs: dict[str, Any], log: Any
+    args: argparse.Namespace,
+    profile: Profile,
+    runner_kwargs: dict[str, Any],
+    log: Callable[[str], None],
 ) -> int:
-    import aiohttp
-    import httpx
-
-    from benchmarks.compare import compare, comparison_markdown, write_comparison
-    from benchmarks.runner import WarmupFailed
+    from benchmarks.harness.compare import compare, comparison_markdown, write_comparison
+    from benchmarks.harness.results import WarmupFailed
 
     targets = [_parse_target(t, args.api_key) for t in args.target]
     try:
         cmp = _run_async(
             compare(profile, targets, args.trials, runner_kwargs=runner_kwargs, log=log), args.loop
         )
-    except (
-        WarmupFailed,
-        ValueError,
-        OSError,
-        RuntimeError,
-        httpx.HTTPError,
-        aiohttp.ClientError,
-    ) as e:
+    except _run_errors(WarmupFailed, ValueError) as e:
         print(f"codellama-serve bench: {e}", file=sys.stderr)
         return 2
     out = _out_dir(args, f"compare-{profile.name}")
@@ -403,20 +462,28 @@ def _compare(
     return _exit_code(args, [r for runs in cmp.results.values() for r in runs])
 
 
+def _run_errors(*more: type[BaseException]) -> tuple[type[BaseException], ...]:
+    """What a run that cannot reach or use its target raises (a request's failure does not)."""
+    import aiohttp
+    import httpx
+
+    return (*more, OSError, RuntimeError, httpx.HTTPError, aiohttp.ClientError)
+
+
 def _export(args: argparse.Namespace) -> int:
     import itertools
     import json
 
-    from pydantic import ValidationError
+    from benchmarks.harness.datasets import build_items, cycle, load_tokenizer
 
-    from benchmarks.datasets import build_items, cycle, load_tokenizer
-
-    try:
-        profile = profile_from_args(args)
-    except (ValidationError, ValueError, FileNotFoundError) as e:
-        print(f"codellama-serve bench: invalid profile: {e}", file=sys.stderr)
+    profile = _profile_or_none(args)
+    if profile is None:
         return 2
-    items = build_items(profile.dataset, profile.seed, lambda: load_tokenizer(args.tokenizer))
+    try:
+        items = build_items(profile.dataset, profile.seed, lambda: load_tokenizer(args.tokenizer))
+    except ValueError as e:  # e.g. editor sessions: made while they run
+        print(f"codellama-serve bench export-dataset: {e}", file=sys.stderr)
+        return 2
     count = args.count or len(items)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.output.open("w", encoding="utf-8") as f:

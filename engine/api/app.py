@@ -15,12 +15,11 @@ import orjson
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
-from engine.api.auth import ANONYMOUS
 from engine.api.chat import Chat
 from engine.api.completions import Completions
 from engine.api.disconnect import ClientDisconnected
 from engine.api.errors import install_error_handlers, model_loading, model_not_found
-from engine.api.gate import GateMiddleware
+from engine.api.gate import GateMiddleware, request_key
 from engine.api.health import liveness, readiness
 from engine.api.lora import adapter_card, visible_adapter, visible_adapters
 from engine.api.lora_admin import lora_admin_routes
@@ -29,6 +28,7 @@ from engine.api.orchestrator import serve_generation
 from engine.api.schemas import ChatCompletionRequest, CompletionRequest
 from engine.api.state import EngineLike, ServerState
 from engine.api.streaming import CLIENT_CLOSED
+from engine.api.tokenize import tokenizer_routes
 from engine.config import ResolvedSettings
 
 log = logging.getLogger("engine.api")
@@ -88,6 +88,7 @@ def create_app(
 
     _openai_routes(app, state)
     lora_admin_routes(app, state)
+    tokenizer_routes(app, state)
     _ops_routes(app, state)
     return app
 
@@ -108,8 +109,7 @@ def _openai_routes(app: FastAPI, state: ServerState) -> None:
     async def models(request: Request) -> Response:
         if state.engine.info is None:
             raise model_loading()
-        key = getattr(request.state, "api_key", ANONYMOUS)
-        adapters = [adapter_card(state, a) for a in visible_adapters(state, key)]
+        adapters = [adapter_card(state, a) for a in visible_adapters(state, request_key(request))]
         return _json({"object": "list", "data": [_model_card(state), *adapters]})
 
     @app.get("/v1/models/{model_id:path}", tags=["openai"])
@@ -118,7 +118,7 @@ def _openai_routes(app: FastAPI, state: ServerState) -> None:
             raise model_loading()
         if model_id == state.model.served_name:
             return _json(_model_card(state))
-        adapter = visible_adapter(state, getattr(request.state, "api_key", ANONYMOUS), model_id)
+        adapter = visible_adapter(state, request_key(request), model_id)
         if adapter is None:
             raise model_not_found(f"The model '{model_id}' does not exist.")
         return _json(adapter_card(state, adapter))

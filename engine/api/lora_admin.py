@@ -14,8 +14,8 @@ from fastapi import Depends, FastAPI, Request
 from starlette.responses import PlainTextResponse
 
 from engine.adapters import AdapterNotFoundError
-from engine.api.auth import ANONYMOUS
 from engine.api.errors import APIError
+from engine.api.gate import request_key
 from engine.api.schemas import LoadLoRAAdapterRequest, UnloadLoRAAdapterRequest
 from engine.api.state import ServerState
 from engine.api.validation import check_serving
@@ -32,7 +32,7 @@ def lora_admin_routes(app: FastAPI, state: ServerState) -> None:
                 404, "Runtime LoRA adapter updating is off (--allow-runtime-lora-updating).",
                 code="not_enabled",
             )  # fmt: skip
-        if not getattr(request.state, "api_key", ANONYMOUS).admin:
+        if not request_key(request).admin:
             raise APIError(
                 403, "Loading and unloading LoRA adapters needs an API key marked 'admin' "
                 "in the keys file.", code="permission_denied",
@@ -48,7 +48,7 @@ def lora_admin_routes(app: FastAPI, state: ServerState) -> None:
         name = body.lora_name
         adapter = await state.engine.load_adapter(name, body.lora_path, replace=body.load_inplace)
         log.info(
-            "key %s loaded LoRA adapter %r from %s", request.state.api_key.name, name, adapter.path
+            "key %s loaded LoRA adapter %r from %s", request_key(request).name, name, adapter.path
         )
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -65,5 +65,5 @@ def lora_admin_routes(app: FastAPI, state: ServerState) -> None:
                 404, f"The LoRA adapter '{name}' cannot be found.", param="lora_name",
                 code="adapter_not_found",
             ) from None  # fmt: skip
-        log.info("key %s unloaded LoRA adapter %r", request.state.api_key.name, name)
+        log.info("key %s unloaded LoRA adapter %r", request_key(request).name, name)
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")

@@ -12,7 +12,7 @@ from engine.api.admission import Admission
 from engine.api.auth import KeyStore
 from engine.codellama import Capabilities, CodeLlamaPrompts, capabilities
 from engine.config import ResolvedSettings
-from engine.llm import EngineStats, ModelInfo, SamplingOptions, StepOutput
+from engine.llm import EngineStats, ModelInfo, OutputConstraint, SamplingOptions, StepOutput
 from engine.lora_metrics import LoRAMetrics
 from engine.metrics import EngineGauges, Metrics
 
@@ -49,6 +49,7 @@ class EngineLike(Protocol):
         self, name: str, path: str, *, dynamic: bool = True, replace: bool = False
     ) -> Adapter: ...
     async def unload_adapter(self, name: str) -> Adapter: ...
+    def check_constraint(self, constraint: OutputConstraint) -> None: ...
 
 
 @dataclass
@@ -81,6 +82,7 @@ class ServerState:
                 prefix_cache_queries=lambda: e.stats.prefix_cache_queries,
                 prefix_cache_hits=lambda: e.stats.prefix_cache_hits,
                 preemptions=lambda: e.stats.preemptions,
+                spec_decode=lambda: e.stats.spec_decode,
             ),
             model_name=lambda: e.info.served_name if e.info else "",
         )

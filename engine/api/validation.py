@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from engine.api.auth import ANONYMOUS, ApiKey
+from engine.api.auth import ApiKey
 from engine.api.errors import bad_request, draining, engine_dead, model_loading, model_not_found
 from engine.api.lora import visible_adapter
 from engine.api.schemas import SamplingFields
@@ -19,7 +19,7 @@ def check_serving(state: ServerState) -> None:
         raise model_loading()
 
 
-def check_model(state: ServerState, requested: str | None, key: ApiKey = ANONYMOUS) -> str | None:
+def check_model(state: ServerState, requested: str | None, key: ApiKey) -> str | None:
     """The LoRA adapter `requested` selects (None: the base model), or 404; an adapter
     the key may not use is answered exactly as one that does not exist."""
     served = state.model.served_name

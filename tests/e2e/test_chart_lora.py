@@ -6,8 +6,6 @@ are valid server settings that resolve for Ray; what the server would refuse at 
 (runtime loads in Ray, adapters on an emptyDir, ...) is refused at install time.
 """
 
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,16 +17,13 @@ import yaml
 from engine.config import resolve
 from engine.ray_config import serve_config
 
-# `helm` is test_chart's session fixture: imported so that pytest finds it here, and
-# then, as fixtures are, named by the tests' arguments.
-from .test_chart import (  # noqa: F401
-    _template_args,
-    helm,
+from .chart import (
     render,
     rendered_serve_config,
     rendered_settings,
     run_helm,
     settings_of,
+    template_args,
 )
 
 ADAPTERS = ("lora.enabled=true", "modelCache.type=pvc")
@@ -143,6 +138,6 @@ def test_invalid_lora_values_fail(helm: str, case: str, tmp_path: Path) -> None:
     values, message = REFUSED[case]
     file = tmp_path / f"{case}-values.yaml"
     file.write_text(yaml.safe_dump(values))
-    out = run_helm(helm, *_template_args(file, (), ()))
+    out = run_helm(helm, *template_args(file, (), ()))
     assert out.returncode != 0, f"{case}: rendered:\n{out.stdout[:500]}"
     assert message in out.stderr, out.stderr

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks.client import Target
-from benchmarks.profiles import Profile
-from benchmarks.runner import Runner
+from benchmarks.harness.client import Target
+from benchmarks.harness.profile.schema import Profile
+from benchmarks.harness.runner import Runner
 
 
 def _counter(server: Any, name: str) -> float:

@@ -1,17 +1,21 @@
 """LoRA adapters on the real engine: the demo model with its demo adapter.
 
 One server for the module (LoRA on, runtime updating on, a keys file with an admin
-key and allow-lists). The adapter changes outputs at temperature 0; the base
-model's outputs stay the same while adapter requests share its batch; unloading
-frees the adapter (404, gone from /v1/models, its slot free again); only admin
-keys load and unload; a key's allow-list hides the other adapters; bad input is
-a 4xx, never a 500; the official `openai` client selects an adapter by `model`.
+key and allow-lists; n-gram speculative decoding and compact JSON constraints on too,
+as a user would combine them). The adapter changes outputs at temperature 0; the base
+model's outputs stay the same while adapter requests share its batch (and equal a
+server without LoRA or speculation); unloading frees the adapter (404, gone from
+/v1/models, its slot free again); only admin keys load and unload; a key's allow-list
+hides the other adapters, from /tokenize too; structured outputs and speculation work
+on adapter requests; bad input is a 4xx, never a 500; the official `openai` client
+selects an adapter by `model`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -19,6 +23,7 @@ from pathlib import Path
 
 import httpx
 import hypothesis
+import jsonschema
 import openai
 import pytest
 import schemathesis
@@ -35,6 +40,11 @@ ADMIN, USER, BASE_ONLY, ANY = "sk-ops-admin", "sk-team-a", "sk-base-only", "sk-a
 MAX_LORAS, MAX_CPU_LORAS = 2, 3  # the demo adapter + room for two loaded at runtime
 PROMPTS = ("def test_parse(self):\n", "import os\n\n\ndef main(", "class Stack:\n    def ")
 GREEDY = {"temperature": 0, "max_tokens": 24}
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+         "prompt_lookup_min": 2}  # fmt: skip
+# Compact JSON: otherwise the demo model fills the space between JSON tokens with
+# whitespace until max_tokens (as in test_structured_outputs.py).
+STRUCTURED = {"backend": "xgrammar", "disable_any_whitespace": True}
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +84,8 @@ def lora_server(
         "--enable-lora", "--lora-modules", f"{ADAPTER}={adapter_dir}",
         "--max-loras", str(MAX_LORAS), "--max-lora-rank", "8",
         "--max-cpu-loras", str(MAX_CPU_LORAS), "--allow-runtime-lora-updating",
+        "--speculative-config", json.dumps(NGRAM),
+        "--structured-outputs-config", json.dumps(STRUCTURED),
     )  # fmt: skip
     try:
         srv.wait_ready()
@@ -241,6 +253,99 @@ def test_access_log_and_metrics_name_the_adapter(lora_server):
     assert m[f'codellama_serve_lora_requests_total{{adapter="{ADAPTER}",status="200"}}'] >= 1
     assert m['codellama_serve_lora_requests_total{adapter="base",status="200"}'] >= 1
     assert m[f'codellama_serve_lora_generation_tokens_total{{adapter="{ADAPTER}"}}'] >= 3
+
+
+# --- with the other engine features -----------------------------------------------------
+
+
+def test_base_outputs_equal_a_server_without_lora_or_speculation(lora_server, server):
+    assert [complete(lora_server, None, p) for p in PROMPTS] == [
+        complete(server, None, p) for p in PROMPTS
+    ]
+
+
+def test_speculation_drafts_for_adapter_requests(lora_server):
+    def counters() -> dict[str, float]:
+        s = series(lora_server, "codellama_serve_spec_decode_num_")
+        return {
+            k: s[f"codellama_serve_spec_decode_num_{k}_total"]
+            for k in ("drafts", "accepted_tokens")
+        }
+
+    before = counters()
+    # The demo adapter repeats itself ("the the the"), so n-grams match its own output.
+    text = complete(lora_server, ADAPTER, PROMPTS[0], max_tokens=64, ignore_eos=True)
+    after = counters()
+    assert after["drafts"] > before["drafts"]
+    assert after["accepted_tokens"] > before["accepted_tokens"]
+    # Greedy under speculation is the adapter's own greedy output, streamed or not.
+    body = {"model": ADAPTER, "prompt": PROMPTS[0], "stream": True, "temperature": 0,
+            "max_tokens": 64, "ignore_eos": True}  # fmt: skip
+    r = httpx.post(lora_server.base_url + "/v1/completions", json=body, headers=auth(), timeout=60)
+    chunks = [json.loads(x[6:]) for x in r.text.splitlines() if x.startswith("data: {")]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == text
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 12}, "line": {"type": "integer"}},
+    "required": ["name", "line"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_structured_outputs_on_the_adapter(lora_server, stream):
+    client = openai.OpenAI(base_url=lora_server.openai_base_url, api_key=ANY, max_retries=0)
+    response_format = {"type": "json_schema", "json_schema": {"name": "sym", "schema": SCHEMA}}
+    kw = {"model": ADAPTER, "temperature": 0, "max_tokens": 120, "stream": stream}
+    chat = client.chat.completions.create(
+        messages=[{"role": "user", "content": "Name a function."}],
+        response_format=response_format, **kw,
+    )  # fmt: skip
+    if stream:
+        text = "".join(c.choices[0].delta.content or "" for c in chat if c.choices)
+    else:
+        assert chat.model == ADAPTER
+        text = chat.choices[0].message.content
+    jsonschema.validate(json.loads(text), SCHEMA)
+    # vLLM's extension fields too: a regex and a choice, on completions.
+    for constraint, check in (
+        ({"regex": r"[a-z_]{2,10}\(\)"}, lambda s: re.fullmatch(r"[a-z_]{2,10}\(\)", s)),
+        ({"choice": ["alpha", "beta"]}, lambda s: s in ("alpha", "beta")),
+    ):
+        out = client.completions.create(
+            model=ADAPTER, prompt=PROMPTS[1], temperature=0, max_tokens=20,
+            extra_body={"structured_outputs": constraint},
+        )  # fmt: skip
+        assert check(out.choices[0].text), (constraint, out.choices[0].text)
+    # The constraints made them so: left free, the adapter writes code-shaped noise.
+    free = complete(lora_server, ADAPTER, PROMPTS[1], max_tokens=20)
+    assert not re.fullmatch(r"[a-z_]{2,10}\(\)", free)
+
+
+def test_tokenize_takes_an_adapter_name(lora_server):
+    url = lora_server.base_url
+    body = {"prompt": PROMPTS[2]}
+    base = httpx.post(url + "/tokenize", json=body, headers=auth())
+    assert base.status_code == 200, base.text
+    adapted = httpx.post(url + "/tokenize", json={**body, "model": ADAPTER}, headers=auth())
+    assert adapted.status_code == 200, adapted.text
+    assert adapted.json() == base.json()  # adapters share the base model's tokenizer
+    chat = {"model": ADAPTER, "messages": [{"role": "user", "content": "Hi"}]}
+    assert httpx.post(url + "/tokenize", json=chat, headers=auth()).status_code == 200
+    ids = {"model": ADAPTER, "tokens": base.json()["tokens"]}
+    text = httpx.post(url + "/detokenize", json=ids, headers=auth()).json()["prompt"]
+    assert text.endswith(PROMPTS[2])
+    # A key whose allow-list leaves the adapter out gets the 404 of an unknown model.
+    for path, payload in (("/tokenize", {**body, "model": ADAPTER}), ("/detokenize", ids)):
+        hidden = httpx.post(url + path, json=payload, headers=auth(BASE_ONLY))
+        unknown = httpx.post(url + path, json={**payload, "model": "nope"}, headers=auth(BASE_ONLY))
+        assert hidden.status_code == unknown.status_code == 404, hidden.text
+        assert hidden.json()["error"]["code"] == "model_not_found"
+        assert hidden.json()["error"]["message"] == unknown.json()["error"]["message"].replace(
+            "nope", ADAPTER
+        )
 
 
 # --- runtime loading and unloading ------------------------------------------------------

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.cli import profile_from_args
-from benchmarks.fake_server import FakeOpenAI, FakeServerThread
+from benchmarks.harness.fake_server import FakeOpenAI, FakeServerThread
 from engine.cli import build_parser, main
 
 

@@ -8,21 +8,15 @@ import httpx
 import orjson
 import pytest
 
-import benchmarks.client as client_mod
-from benchmarks.client import (
-    OpenAIClient,
-    RequestRecord,
-    SSEParser,
-    Target,
-    build_payload,
-    chunk_text,
-    discover_model,
-)
-from benchmarks.datasets import RequestItem
-from benchmarks.fake_server import FakeOpenAI, FakeServerThread
-from benchmarks.metrics import tpot, ttft
-from benchmarks.profiles import RequestOptions
-from benchmarks.transport import HttpxTransport, make_transport
+import benchmarks.harness.client as client_mod
+from benchmarks.harness.client import OpenAIClient, Target, build_payload, discover_model
+from benchmarks.harness.datasets import RequestItem
+from benchmarks.harness.fake_server import FakeOpenAI, FakeServerThread
+from benchmarks.harness.metrics import tpot, ttft
+from benchmarks.harness.profile.schema import RequestOptions
+from benchmarks.harness.records import RequestRecord
+from benchmarks.harness.sse import SSEParser, chunk_text
+from benchmarks.harness.transport import HttpxTransport, make_transport
 
 # ---------------------------------------------------------------- SSE
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.datasets import (
+from benchmarks.harness.datasets import (
     build_items,
     cycle,
     humaneval_problems,
@@ -17,7 +17,8 @@ from benchmarks.datasets import (
     synthetic_items,
     trace_items,
 )
-from benchmarks.profiles import DatasetSpec, LengthDist, TraceEntry
+from benchmarks.harness.profile.schema import DatasetSpec, LengthDist
+from benchmarks.harness.profile.traces import TraceEntry
 
 
 def no_tokenizer() -> None:

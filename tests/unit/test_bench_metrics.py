@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.client import RequestRecord
-from benchmarks.metrics import (
+from benchmarks.harness.metrics import (
     distribution,
     e2e,
     itls,
@@ -18,7 +17,8 @@ from benchmarks.metrics import (
     ttft,
     vllm_keys,
 )
-from benchmarks.profiles import SLO, Thresholds
+from benchmarks.harness.profile.schema import SLO, Thresholds
+from benchmarks.harness.records import RequestRecord
 
 
 def rec(

@@ -9,19 +9,11 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from benchmarks.profiles import (
-    LengthDist,
-    Profile,
-    RateCurve,
-    bundled_profiles,
-    deep_merge,
-    load_profile,
-    rate_schedule,
-    read_trace,
-    trace_schedule,
-    unit_renewal_points,
-)
-from benchmarks.runner import dispatch
+from benchmarks.harness.phases import dispatch
+from benchmarks.harness.profile.arrivals import RateCurve, rate_schedule, unit_renewal_points
+from benchmarks.harness.profile.files import bundled_profiles, deep_merge, load_profile
+from benchmarks.harness.profile.schema import LengthDist, Profile
+from benchmarks.harness.profile.traces import read_trace, trace_schedule
 
 
 def rng(seed: int = 0) -> np.random.Generator:

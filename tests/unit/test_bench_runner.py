@@ -9,13 +9,15 @@ from typing import Any
 
 import pytest
 
-from benchmarks.client import Target
-from benchmarks.compare import compare, comparison_markdown, write_comparison
-from benchmarks.fake_server import FakeOpenAI, FakeServerThread
-from benchmarks.metrics import vllm_keys
-from benchmarks.profiles import Profile
-from benchmarks.report import run_markdown, write_run_report
-from benchmarks.runner import Runner, WarmupFailed
+from benchmarks.harness.client import Target
+from benchmarks.harness.compare import compare, comparison_markdown, write_comparison
+from benchmarks.harness.fake_server import FakeOpenAI, FakeServerThread
+from benchmarks.harness.metrics import vllm_keys
+from benchmarks.harness.profile.schema import Profile
+from benchmarks.harness.report.as_markdown import run_markdown
+from benchmarks.harness.report.write import write_run_report
+from benchmarks.harness.results import WarmupFailed
+from benchmarks.harness.runner import Runner
 
 
 @pytest.fixture

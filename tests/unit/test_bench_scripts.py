@@ -6,8 +6,16 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from benchmarks import parity, ray_modes, soak
-from benchmarks.fake_server import FakeOpenAI, FakeServerThread
+from benchmarks.experiments import parity, ray_modes, soak
+from benchmarks.experiments.trials import (
+    LoadConfig,
+    Trial,
+    cpu_seconds,
+    rotations,
+    server_trial,
+    summarize,
+)
+from benchmarks.harness.fake_server import FakeOpenAI, FakeServerThread
 
 
 class FakeTarget:
@@ -17,15 +25,15 @@ class FakeTarget:
         self.name, self.url = "fake", url
 
     def cpu(self) -> tuple[float, float]:
-        return parity.cpu_seconds(os.getpid()), 0.0
+        return cpu_seconds(os.getpid()), 0.0
 
 
 def test_a_trial_measures_the_harness_report(tmp_path: Path) -> None:
-    cfg = parity.LoadConfig("tiny", concurrency=4, stream=True, requests=12, output_tokens=8)
+    cfg = LoadConfig("tiny", concurrency=4, stream=True, requests=12, output_tokens=8)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "def f(x):"}\n' * 12)
     with FakeServerThread(FakeOpenAI()) as srv:
-        trial = parity.server_trial(FakeTarget(srv.base_url), cfg, prompts, tmp_path, 0)
+        trial = server_trial(FakeTarget(srv.base_url), cfg, prompts, tmp_path, 0)
     assert trial.failed == 0
     assert trial.output_tokens == 12 * 8
     assert trial.output_tok_s > 0 and trial.median_ttft_ms is not None
@@ -33,8 +41,8 @@ def test_a_trial_measures_the_harness_report(tmp_path: Path) -> None:
     assert trial.frontend_cpu_s >= 0  # the fake runs in this process, on a thread
 
 
-def trial(target: str, config: str, tok_s: float, rnd: int = 0) -> parity.Trial:
-    return parity.Trial(
+def trial(target: str, config: str, tok_s: float, rnd: int = 0) -> Trial:
+    return Trial(
         target=target, config=config, round=rnd, output_tok_s=tok_s, median_ttft_ms=100.0,
         p99_ttft_ms=200.0, median_tpot_ms=10.0, output_tokens=1000, failed=0,
         frontend_cpu_s=0.1, engine_cpu_s=0.2, client_cpu_s=0.05,
@@ -44,7 +52,7 @@ def trial(target: str, config: str, tok_s: float, rnd: int = 0) -> parity.Trial:
 def test_parity_takes_medians_over_rounds_and_reports_ratios() -> None:
     trials = [trial("ours", "stream-64", v, i) for i, v in enumerate([900, 1200, 1000])]
     trials += [trial("vllm", "stream-64", v, i) for i, v in enumerate([800, 700, 750])]
-    summary = parity.summarize(trials)
+    summary = summarize(trials)
     assert summary["stream-64"]["ours"]["output_tok_s"] == 1000
     assert summary["stream-64"]["vllm"]["output_tok_s"] == 750
     assert summary["stream-64"]["ours"]["frontend_cpu_ms_per_tok"] == 0.1
@@ -53,7 +61,7 @@ def test_parity_takes_medians_over_rounds_and_reports_ratios() -> None:
 
 
 def test_rounds_rotate_the_order() -> None:
-    orders = [order for _, order in parity.rotations(["a", "b", "c"], 3)]
+    orders = [order for _, order in rotations(["a", "b", "c"], 3)]
     assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
 
 
@@ -64,7 +72,7 @@ def test_ray_modes_table_has_the_issue_ratios() -> None:
         trial("ray-llm", "stream-64", 300),
     ]
     table = ray_modes.markdown(
-        parity.summarize(trials), {"date": "d", "command": "c", "engine": {}, "rounds": 1}
+        summarize(trials), {"date": "d", "command": "c", "engine": {}, "rounds": 1}
     )
     assert "| ours in Ray / Ray LLM app, tok/s | 3.00× |" in table
     assert "| ours in Ray / standalone, tok/s | 0.90× |" in table

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.server_metrics import Snapshot, deltas, gauge_stats, histogram_bound, parse
+from benchmarks.harness.server_metrics import Snapshot, deltas, gauge_stats, histogram_bound, parse
 
 VLLM_BEFORE = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.

@@ -1,0 +1,1 @@
+"""The project's own experiments built on the harness: parity, Ray modes, soak, `make bench`."""

@@ -1,0 +1,1 @@
+"""The load harness, one module per question (see benchmarks/__init__.py)."""

@@ -1,0 +1,95 @@
+"""What makes a run's numbers less trustworthy, said plainly: the report's warnings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks.harness.profile.schema import Thresholds
+from benchmarks.harness.results import RunResult, StepResult
+
+
+def collect_warnings(result: RunResult, metrics_ok: bool, metrics_error: str | None) -> list[str]:
+    """What makes these numbers less trustworthy, said plainly."""
+    p, s = result.profile, result.summary
+    return [
+        *_schedule_warnings(result.steps),
+        *_client_warnings(result.client, p.thresholds),
+        *_failure_warnings(s),
+        *_token_warnings(s, p.request.ignore_eos),
+        *_server_warnings(result, metrics_ok, metrics_error),
+    ]
+
+
+def _schedule_warnings(steps: Sequence[StepResult]) -> list[str]:
+    w: list[str] = []
+    for st in steps:
+        load = st.summary["load"]
+        if load.get("coordinated_omission"):
+            w.append(
+                f"step '{st.label}': the client fell behind its schedule "
+                f"(coordinated omission): {'; '.join(load['coordinated_omission_reasons'])}. "
+                "Latencies from send time understate what on-schedule users would see; "
+                "see *_from_schedule."
+            )
+    return w
+
+
+def _client_warnings(client: dict[str, Any], thresholds: Thresholds) -> list[str]:
+    lag = client["loop_lag"]
+    if lag.get("overloaded"):
+        return [
+            f"client event-loop lag p99 {lag['p99_ms']:.1f} ms > "
+            f"{thresholds.max_loop_lag_p99_ms:g} ms: the client may be the bottleneck"
+        ]
+    return []
+
+
+def _failure_warnings(s: dict[str, Any]) -> list[str]:
+    if s["failed"]:
+        top = s["errors"][0]
+        return [
+            f"{s['failed']} of {s['requests']} requests failed "
+            f"(most common: {top['error']!r} ×{top['count']})"
+        ]
+    return []
+
+
+def _token_warnings(s: dict[str, Any], ignore_eos: bool) -> list[str]:
+    w: list[str] = []
+    if ignore_eos and s["shorter_than_max_tokens"]:
+        w.append(
+            f"{s['shorter_than_max_tokens']} responses are shorter than max_tokens with "
+            "ignore_eos: the server may not support ignore_eos"
+        )
+    tc = s["token_check"]
+    if tc and tc["mismatched"]:
+        w.append(
+            f"re-tokenized output differs from the server's usage in {tc['mismatched']}/"
+            f"{tc['checked']} requests (usage {tc['usage_total']}, re-tokenized "
+            f"{tc['retokenized_total']} tokens); usage is what is reported"
+        )
+    src = s["output_token_source"]
+    if src["retokenized"] or src["unknown"]:
+        w.append(
+            f"the server sent no usage for {src['retokenized'] + src['unknown']} requests: "
+            f"their output tokens are re-tokenized ({src['retokenized']}) "
+            f"or unknown ({src['unknown']})"
+        )
+    return w
+
+
+def _server_warnings(result: RunResult, metrics_ok: bool, metrics_error: str | None) -> list[str]:
+    w: list[str] = []
+    if result.profile.server_metrics and not metrics_ok:
+        w.append(f"no server-side metrics: {metrics_error or 'scrape failed'}")
+    ctr = result.server.get("counters") if isinstance(result.server, dict) else None
+    if ctr and "generation_tokens" in ctr:
+        server_out = ctr["generation_tokens"]
+        ours = result.summary["total_output_tokens"]
+        if ours and abs(server_out - ours) > 0.01 * ours:
+            w.append(
+                f"the server counted {server_out:.0f} generated tokens during the run, the client "
+                f"{ours}: other traffic on the server, or requests the client did not see finish"
+            )
+    return w

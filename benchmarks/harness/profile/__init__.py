@@ -1,0 +1,1 @@
+"""How load is shaped: the profile schema, profile files, arrival processes, traces."""

@@ -1,0 +1,63 @@
+"""What is recorded about each request: the clock, and one record of monotonic timestamps
+per request (times in seconds from the run's t0)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+now = time.perf_counter  # monotonic, sub-microsecond: every timestamp comes from here
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """Everything measured about one request. Times are seconds from the run's t0."""
+
+    index: int
+    item_id: str
+    step: int = 0
+    scheduled: float | None = None  # open loop: when it should have been sent
+    sent: float | None = None  # when it was handed to the HTTP client
+    first_byte: float | None = None  # response headers received
+    token_times: list[float] = field(default_factory=list)  # chunks carrying generated text
+    chunks: int = 0  # all data events (role-only, empty, usage included)
+    finished: float | None = None  # stream ended ([DONE] / body read) or failed
+    status: int | None = None
+    error: str | None = None
+    prompt_tokens: int | None = None  # from the server's usage
+    output_tokens: int | None = None  # from the server's usage
+    retok_output_tokens: int | None = None  # re-tokenized generated text
+    max_tokens: int | None = None
+    finish_reason: str | None = None
+    text: str = ""
+    # Who sent it and who answered: for splitting one run's requests (by key, by replica).
+    target: str = ""  # the target's label
+    api_key: str | None = None  # the key's label (never the key itself)
+    replica: str | None = None  # the response's X-Codellama-Replica header
+    session: str | None = None  # editor / chat sessions: which one sent it
+    # Given up on purpose by the client (an editor's next keystroke closes the
+    # connection): neither a completion nor a failure.
+    cancelled: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.finished is not None and not self.cancelled
+
+    @property
+    def out_tokens(self) -> int | None:
+        """Output tokens: the server's usage, else the re-tokenized count."""
+        return self.output_tokens if self.output_tokens is not None else self.retok_output_tokens
+
+    def to_dict(self, with_text: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not with_text:
+            d.pop("text")
+        return d
+
+
+def retokenize(records: list[RequestRecord], counter: Callable[[str], int]) -> None:
+    for r in records:
+        if r.ok:
+            r.retok_output_tokens = counter(r.text)
