@@ -34,6 +34,8 @@ CHART_OWNED: dict[tuple[str, str], str] = {
     ("server", "drain_timeout_s"): "drain.timeoutSeconds",
     ("auth", "api_keys_file"): "apiKeys.existingSecret",
     ("auth", "api_keys"): "apiKeys.existingSecret",
+    ("lora", "enable_lora"): "lora.enabled",
+    ("lora", "lora_modules"): "lora.adapters",
 }
 
 SETTINGS_DESCRIPTION = (
