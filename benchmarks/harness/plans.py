@@ -68,20 +68,25 @@ def offered_rate(load: OpenLoopFields, rate: float) -> dict[str, Any]:
     }
 
 
-def peak_concurrency(p: Profile) -> int:
-    """Connections the pool must allow (a guess for open loops: rate × 8 s)."""
+def peak_concurrency(p: Profile) -> int | None:
+    """Requests the load can have in flight at once; None: whatever the schedule brings.
+
+    The client's connection pool is sized from this: an open loop's pool must never
+    cap below what its schedule needs (a request waiting for a connection is queued
+    by the client, not the server), and that is not known before the server has
+    answered, so it gets no limit (unless the profile caps requests in flight).
+    """
     load = p.load
     if isinstance(load, ConcurrentLoad):
         return load.concurrency
     if isinstance(load, StepsLoad) and load.closed:
         return max(s.concurrency or 1 for s in load.steps)
-    cap = getattr(load, "max_concurrency", None)
-    if cap:
-        return cap
-    return int(min(4096, max(64, _peak_rate(load) * 8)))
+    cap: int | None = getattr(load, "max_concurrency", None)
+    return cap
 
 
-def _peak_rate(load: RateLoad | StepsLoad | RampLoad | SweepLoad | TraceLoad) -> float:
+def peak_rate(load: RateLoad | StepsLoad | RampLoad | SweepLoad | TraceLoad) -> float | None:
+    """The highest rate an open loop plans (req/s); None for a trace."""
     if isinstance(load, RateLoad):
         return load.rate
     if isinstance(load, StepsLoad):
@@ -90,7 +95,7 @@ def _peak_rate(load: RateLoad | StepsLoad | RampLoad | SweepLoad | TraceLoad) ->
         return max(load.start_rate, load.end_rate)
     if isinstance(load, SweepLoad):
         return max(load.rate_list())
-    return 64.0
+    return None
 
 
 def single_plan(p: Profile, trace: list[TraceEntry] | None) -> OpenPlan | ClosedPlan:

@@ -58,6 +58,9 @@ HISTOGRAMS: dict[str, tuple[str, ...]] = {
     "itl": ("vllm:inter_token_latency_seconds",),
     "e2e": ("codellama_serve_e2e_request_latency_seconds", "vllm:e2e_request_latency_seconds"),
     "queue_time": ("vllm:request_queue_time_seconds",),
+    "prefill": ("vllm:request_prefill_time_seconds",),
+    "decode": ("vllm:request_decode_time_seconds",),
+    "inference": ("vllm:request_inference_time_seconds",),
 }
 
 _WANTED = tuple(

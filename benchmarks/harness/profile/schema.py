@@ -256,6 +256,11 @@ class Thresholds(_Model):
     max_loop_lag_p99_ms: PositiveFloat = Field(
         10.0, description="Client event-loop lag p99 above this flags the client as overloaded."
     )
+    max_connection_wait_ms: PositiveFloat = Field(
+        1.0,
+        description="A request that waited longer than this for a connection in the client's "
+        "own pool was queued by the client: it flags the run.",
+    )
 
 
 class Profile(_Model):

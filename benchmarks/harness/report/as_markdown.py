@@ -73,11 +73,65 @@ def throughput_table(s: dict[str, Any]) -> list[str]:
         f"| {f(s['total_token_throughput'])} | {f(s['request_goodput'], 2)} |",
         "",
         "| Offered load | Achieved send rate | Schedule lag P50 / P99 / max (ms) "
-        "| Coordinated omission |",
-        "|---|---|---|---|",
+        "| Connection wait P50 / P99 / max (ms) | Coordinated omission |",
+        "|---|---|---|---|---|",
         f"| {_offered_text(load)} | {f(load.get('achieved_send_rate'), 2)} req/s "
-        f"| {lag_text(load)} | {co_text(load)} |",
+        f"| {lag_text(load)} | {wait_text(load)} | {co_text(load)} |",
     ]
+    return rows
+
+
+def wait_text(load: dict[str, Any]) -> str:
+    w = load.get("connection_wait_ms") or {}
+    return f"{f(w.get('p50'), 2)} / {f(w.get('p99'), 2)} / {f(w.get('max'), 2)}"
+
+
+# The server's own histograms that split a request's life: (key, label).
+SERVER_PARTS = (
+    ("queue_time", "queue (waiting to be scheduled)"),
+    ("prefill", "prefill"),
+    ("decode", "decode"),
+    ("ttft", "TTFT (arrival → first token)"),
+    ("e2e", "E2E (arrival → last byte)"),
+)
+
+
+def breakdown_table(s: dict[str, Any], server: dict[str, Any]) -> list[str]:
+    """Where a request's time went: the client's timestamps, then the server's histograms."""
+    b = s.get("latency_breakdown")
+    if not b:
+        return []
+    rows = [
+        f"Latency breakdown ({b['new_connections']} new connections; client timestamps of "
+        "successful requests):",
+        "",
+        "| Part (ms) | n | Mean | Median | P99 | Max |",
+        "|---|---|---|---|---|---|",
+    ]
+    for part in b.values():
+        if isinstance(part, dict) and part.get("count"):
+            rows.append(
+                f"| {part['label']} | {part['count']} | {f(part['mean_ms'], 2)} "
+                f"| {f(part['median_ms'], 2)} | {f(part.get('p99_ms'), 2)} "
+                f"| {f(part['max_ms'], 2)} |"
+            )
+    hists = server.get("histograms", {}) if server.get("available") else {}
+    shown = [(k, label) for k, label in SERVER_PARTS if (hists.get(k) or {}).get("count")]
+    if shown:
+        rows += [
+            "",
+            "| Server's own view (ms) | n | Mean | P50 ≤ | P99 ≤ |",
+            "|---|---|---|---|---|",
+        ]
+        for key, label in shown:
+            h = hists[key]
+            rows.append(
+                f"| {label} | {f(h['count'], 0)} | {f(h.get('mean_ms'), 2)} "
+                f"| {f(h.get('p50_le_ms'))} | {f(h.get('p99_le_ms'))} |"
+            )
+    missing = [label for k, label in SERVER_PARTS[:3] if (k, label) not in shown]
+    if missing:
+        rows += ["", f"(The server exports no histogram of: {', '.join(missing)}.)"]
     return rows
 
 
@@ -229,6 +283,7 @@ def run_markdown(result: RunResult, plots: Sequence[str] = ()) -> str:
             "requests within SLO.",
             "",
         ]
+    lines += ["## Where the time went", "", *breakdown_table(s, result.server), ""]
     lines += ["## Server", "", *server_table(result.server), ""]
     lines += ["## Client", "", *client_table(result.client), ""]
     src, tc = s["output_token_source"], s["token_check"]
