@@ -18,6 +18,8 @@ def collect_warnings(result: RunResult, metrics_ok: bool, metrics_error: str | N
         *_failure_warnings(s),
         *_token_warnings(s, p.request.ignore_eos),
         *_server_warnings(result, metrics_ok, metrics_error),
+        *_prompt_warnings(s),
+        *_cache_warnings(result),
     ]
 
 
@@ -91,5 +93,47 @@ def _server_warnings(result: RunResult, metrics_ok: bool, metrics_error: str | N
             w.append(
                 f"the server counted {server_out:.0f} generated tokens during the run, the client "
                 f"{ours}: other traffic on the server, or requests the client did not see finish"
+            )
+    return w
+
+
+def _prompt_warnings(s: dict[str, Any]) -> list[str]:
+    pc = s.get("prompt_check")
+    if not pc or not pc["mismatched"]:
+        return []
+    return [
+        f"the server counted other prompt lengths than the client built in {pc['mismatched']}/"
+        f"{pc['checked']} requests (client {pc['expected_total']}, server's usage "
+        f"{pc['server_total']} prompt tokens; up to {pc['max_abs_diff']} apart): is --tokenizer "
+        "the served model's?"
+    ]
+
+
+# A run not built to share prefixes that the cache still answers this much of is suspect.
+MAX_UNPLANNED_HIT_RATE = 0.01
+
+
+def _cache_warnings(result: RunResult) -> list[str]:
+    w: list[str] = []
+    reset = result.cache_reset
+    if reset is not None and not reset.get("ok"):
+        w.append(
+            f"the prefix cache was not reset: POST {reset['url']} → {reset.get('error')} "
+            "(vLLM's server has it with VLLM_SERVER_DEV_MODE=1; codellama-serve has none)"
+        )
+    cache = result.server.get("prefix_cache") if isinstance(result.server, dict) else None
+    prompts = result.prompts or {}
+    if cache and cache.get("hit_rate") and not prompts.get("shares_prefixes"):
+        rate = cache["hit_rate"]
+        if rate > MAX_UNPLANNED_HIT_RATE:
+            why = (
+                f"{prompts.get('repeated')} repeated prompts"
+                if prompts.get("repeated")
+                else "other traffic, or prompts that share a head"
+            )
+            w.append(
+                f"the server's prefix cache answered {rate:.1%} of the prompt tokens it looked up "
+                f"({cache['hits']:.0f} of {cache['queries']:.0f}) in a run not designed to share "
+                f"prefixes ({why}): latencies are better than for fresh prompts"
             )
     return w

@@ -263,6 +263,34 @@ def build_items(spec: DatasetSpec, seed: int, tokenizer_loader: Any) -> list[Req
     return items
 
 
+# Datasets built to share prefixes (sessions that grow, a common system prompt): their
+# requests are never salted (salt.py), since the sharing is what they measure.
+SHARED_PREFIX_DATASETS = frozenset({"editor", "shared-prefix", "chat-sessions"})
+
+
+def shares_prefixes(spec: DatasetSpec) -> bool:
+    """Whether this dataset's requests share prefixes on purpose."""
+    return spec.type in SHARED_PREFIX_DATASETS or bool(getattr(spec, "shares_prefixes", False))
+
+
+def length_fitter(tokenizer: Any, seed: int) -> Any:
+    """(text, total tokens as the server counts them) -> text of that length, its length.
+
+    For salted prompts of an exact length: the salt stays at the front, the end of the
+    text is trimmed (or padded) until it re-encodes to the target.
+    """
+    special = int(tokenizer.num_special_tokens_to_add())
+    allowed = _allowed_ids(tokenizer)
+    rng = np.random.default_rng(seed)
+
+    def fit(text: str, total: int) -> tuple[str, int]:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        out, n = text_of_length(tokenizer, ids, max(1, total - special), rng, allowed)
+        return out, n + special
+
+    return fit
+
+
 def cycle(items: list[RequestItem]) -> Iterator[RequestItem]:
     """Items in order, again and again (the order was seeded when built)."""
     if not items:

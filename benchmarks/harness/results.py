@@ -39,3 +39,5 @@ class RunResult:
     sweep: dict[str, Any] | None = None
     warmup: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    prompts: dict[str, Any] = field(default_factory=dict)  # salting, distinct prompts
+    cache_reset: dict[str, Any] | None = None  # POST /reset_prefix_cache, if asked

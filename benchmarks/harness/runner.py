@@ -25,7 +25,9 @@ from benchmarks.harness.datasets import (
     build_items,
     count_tokens,
     cycle,
+    length_fitter,
     load_tokenizer,
+    shares_prefixes,
     trace_items,
 )
 from benchmarks.harness.metrics import loop_lag_stats, summarize
@@ -36,6 +38,7 @@ from benchmarks.harness.profile.traces import TraceEntry, read_trace
 from benchmarks.harness.progress import Progress
 from benchmarks.harness.records import RequestRecord, now, retokenize
 from benchmarks.harness.results import RunResult, StepResult, WarmupFailed
+from benchmarks.harness.salt import SaltedStream
 from benchmarks.harness.server_metrics import ServerMetricsRecorder, deltas, gauge_stats
 from benchmarks.harness.sweeps import saturation_reason, sweep_summary
 from benchmarks.harness.transport import HttpLibrary, Transport, make_transport
@@ -91,8 +94,11 @@ class Runner:
                 enabled=p.server_metrics,
             )
             metrics_ok = await self.recorder.probe() if p.server_metrics else False
+            cache_reset = (
+                await reset_prefix_cache(http, self.target) if p.reset_prefix_cache else None
+            )
             warmup = await self._warmup(items)
-            stream = iter(items) if trace is not None else cycle(items)
+            stream = self._salted(iter(items) if trace is not None else cycle(items), items)
             phases, steps, sweep, client_cpu = await self._measure(stream, trace)
         finally:
             if self._transport is None:
@@ -119,6 +125,8 @@ class Runner:
                 "cpu": client_cpu,
             },
         )
+        result.prompts = stream.report(shares_prefixes(p.dataset))
+        result.cache_reset = cache_reset
         self._overall(result, phases.phases)
         result.warnings = collect_warnings(result, metrics_ok, self.recorder.error)
         return result
@@ -171,6 +179,14 @@ class Runner:
             result.server["gauges"] = gauge_stats(self.recorder.samples, first, last)
         else:
             result.server = {"available": False}
+
+    def _salted(self, items: Iterator[RequestItem], built: list[RequestItem]) -> SaltedStream:
+        """Each request's prompt made unique (salt.py), unless the profile shares on purpose."""
+        p = self.profile
+        enabled = p.dataset.salt and not shares_prefixes(p.dataset)
+        exact = any(it.input_tokens is not None for it in built)
+        fit = length_fitter(self.tokenizer(), p.seed) if enabled and exact else None
+        return SaltedStream(items, enabled, fit)
 
     def _items(self) -> tuple[list[RequestItem], list[TraceEntry] | None]:
         p = self.profile
@@ -228,6 +244,22 @@ class Runner:
             if reason:
                 break
         return steps, sweep_summary(steps, reason, rates)
+
+
+async def reset_prefix_cache(http: Transport, target: Target) -> dict[str, Any]:
+    """POST <root>/reset_prefix_cache: vLLM's server has it in dev mode; ours has none."""
+    url = target.root + "/reset_prefix_cache"
+    errors: tuple[type[BaseException], ...] = (*http.errors, TimeoutError)
+    try:
+        async with http.post(url, b"") as resp:
+            status = resp.status
+            body = await resp.read()
+    except errors as e:
+        return {"url": url, "ok": False, "error": f"{type(e).__name__}: {e}"}
+    out: dict[str, Any] = {"url": url, "ok": status == 200, "status": status}
+    if status != 200:
+        out["error"] = f"HTTP {status}: {body[:200].decode(errors='replace').strip()}"
+    return out
 
 
 def _fmt(v: float | None) -> str:

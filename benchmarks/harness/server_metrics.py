@@ -45,7 +45,16 @@ COUNTERS: dict[str, tuple[str, ...]] = {
         "vllm:generation_tokens_total",
     ),
     "aborted": ("codellama_serve_requests_aborted_total",),
-    "preemptions": ("vllm:num_preemptions_total",),
+    "preemptions": ("codellama_serve_preemptions_total", "vllm:num_preemptions_total"),
+    # Prompt tokens looked up in the prefix cache, and of them found there.
+    "prefix_cache_queries": (
+        "codellama_serve_prefix_cache_queries_total",
+        "vllm:prefix_cache_queries_total",
+    ),
+    "prefix_cache_hits": (
+        "codellama_serve_prefix_cache_hits_total",
+        "vllm:prefix_cache_hits_total",
+    ),
     "process_cpu_seconds": ("process_cpu_seconds_total",),
 }
 HISTOGRAMS: dict[str, tuple[str, ...]] = {
@@ -164,6 +173,7 @@ def deltas(before: Snapshot | None, after: Snapshot | None) -> dict[str, Any]:
                 ",".join(f"{k}={v}" for k, v in lab) or "all": d for lab, d in by.items() if d
             }
     out["counters"] = counters
+    out["prefix_cache"] = prefix_cache(counters)
     hists: dict[str, Any] = {}
     for key, cands in HISTOGRAMS.items():
         name = _pick(after, cands, "_count")
@@ -189,6 +199,14 @@ def deltas(before: Snapshot | None, after: Snapshot | None) -> dict[str, Any]:
         if (name := _pick(after, cands)) is not None
     }
     return out
+
+
+def prefix_cache(counters: dict[str, Any]) -> dict[str, Any] | None:
+    """Prompt tokens the server looked up in its prefix cache and found: the hit rate."""
+    if "prefix_cache_queries" not in counters:
+        return None
+    q, h = counters["prefix_cache_queries"], counters.get("prefix_cache_hits", 0.0)
+    return {"queries": q, "hits": h, "hit_rate": h / q if q else None}
 
 
 def gauge_stats(

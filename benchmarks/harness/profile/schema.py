@@ -208,6 +208,12 @@ class DatasetSpec(_Model):
     limit: PositiveInt | None = Field(None, description="Use only the first N items.")
     shuffle: bool = True
     size: PositiveInt = Field(256, description="synthetic: distinct prompts to build.")
+    salt: bool = Field(
+        True,
+        description="Start each request's prompt with a line of its own (`# <run>-<n>`), so "
+        "no two requests of a run, or of two runs, share a prefix-cache block. Datasets "
+        "that share prefixes on purpose are never salted; false sends prompts as they are.",
+    )
 
     @model_validator(mode="after")
     def _needs(self) -> DatasetSpec:
@@ -278,6 +284,11 @@ class Profile(_Model):
     percentiles: list[float] = Field(default_factory=lambda: [50.0, 90.0, 99.0])
     seed: int = 0
     server_metrics: bool = True
+    reset_prefix_cache: bool = Field(
+        False,
+        description="POST <base>/reset_prefix_cache before the run (vLLM's server in dev mode, "
+        "VLLM_SERVER_DEV_MODE=1, has it; codellama-serve has none): a warning if it fails.",
+    )
     scrape_interval_s: PositiveFloat = 1.0
     thresholds: Thresholds = Thresholds()
 

@@ -192,6 +192,12 @@ def server_table(server: dict[str, Any]) -> list[str]:
         "|---|---|",
     ]
     c = server.get("counters", {})
+    cache = server.get("prefix_cache")
+    if cache:
+        rows.append(
+            f"| prefix-cache hit rate (prompt tokens) | {f(_pct(cache.get('hit_rate')))} % "
+            f"({f(cache['hits'], 0)} of {f(cache['queries'], 0)}) |"
+        )
     for key, label in (
         ("requests", "requests finished"),
         ("generation_tokens", "generated tokens"),
@@ -225,6 +231,26 @@ def server_table(server: dict[str, Any]) -> list[str]:
             digits = 3 if key == "kv_cache_usage" else 1
             rows.append(f"| {label} | {f(g[key]['mean'], digits)} / {f(g[key]['max'], digits)} |")
     return rows
+
+
+def _pct(v: float | None) -> float | None:
+    return None if v is None else 100 * v
+
+
+def prompts_line(result: RunResult) -> str:
+    pr = result.prompts or {}
+    if not pr:
+        return ""
+    if pr.get("salt"):
+        how = f"salted: {pr['salt_format']} (run nonce `{pr['nonce']}`)"
+    elif pr.get("shares_prefixes"):
+        how = "not salted: the dataset shares prefixes on purpose"
+    else:
+        how = "not salted (`dataset.salt: false`)"
+    return (
+        f"Prompts: {pr.get('distinct_prompts')} distinct of {pr.get('requests')} requests "
+        f"({pr.get('repeated')} repeated); {how}."
+    )
 
 
 def client_table(client: dict[str, Any]) -> list[str]:
@@ -286,6 +312,8 @@ def run_markdown(result: RunResult, plots: Sequence[str] = ()) -> str:
     lines += ["## Where the time went", "", *breakdown_table(s, result.server), ""]
     lines += ["## Server", "", *server_table(result.server), ""]
     lines += ["## Client", "", *client_table(result.client), ""]
+    if line := prompts_line(result):
+        lines += [line, ""]
     src, tc = s["output_token_source"], s["token_check"]
     lines.append(
         f"Output tokens from the server's `usage` for {src['usage']} requests"
