@@ -287,6 +287,10 @@ def profile_from_args(args: argparse.Namespace, default: str = "default") -> Pro
     if over.get("load", {}).get("type") in ("sweep", "trace"):
         data.pop("num_requests", None)
         data.pop("duration_s", None)
+    if "description" not in over and any(k in over for k in ("load", "num_requests", "duration_s")):
+        # The profile's prose describes its own load, not the one the flags set: the
+        # report prints the effective load instead (finding 9 of issue 12).
+        data["description"] = f"Profile `{name}` with its load set by flags."
     return Profile.model_validate(deep_merge(data, over))
 
 

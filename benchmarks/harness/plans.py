@@ -98,6 +98,40 @@ def peak_rate(load: RateLoad | StepsLoad | RampLoad | SweepLoad | TraceLoad) -> 
     return None
 
 
+def describe_load(p: Profile) -> str:
+    """The load a profile applies, in words: what the report prints (flags included)."""
+    load = p.load
+    if isinstance(load, ConcurrentLoad):
+        text = f"closed loop, {load.concurrency} in flight"
+    elif isinstance(load, RateLoad):
+        text = f"open loop, {load.arrival} arrivals at {load.rate:g} req/s"
+    elif isinstance(load, StepsLoad):
+        values = [s.concurrency if load.closed else s.rate for s in load.steps]
+        kind = "closed-loop concurrency" if load.closed else "open-loop rate (req/s)"
+        text = f"{kind} steps {' → '.join(f'{v:g}' for v in values if v is not None)}"
+    elif isinstance(load, RampLoad):
+        text = f"open loop, rate ramping {load.start_rate:g} → {load.end_rate:g} req/s"
+        text += f" over {load.duration_s:g} s"
+    elif isinstance(load, SweepLoad):
+        text = f"sweep of open-loop rates {', '.join(f'{r:g}' for r in load.rate_list())} req/s"
+    else:
+        text = f"trace {load.path.name} replayed (time × {load.time_scale:g})"
+    if isinstance(load, OpenLoopFields) and load.arrival == "gamma":
+        text += f" (burstiness {load.burstiness:g})"
+    cap = getattr(load, "max_concurrency", None)
+    if cap:
+        text += f", at most {cap} in flight"
+    bounds = [f"{p.num_requests} requests"] if p.num_requests else []
+    bounds += [f"{p.duration_s:g} s"] if p.duration_s else []
+    if bounds and isinstance(load, ConcurrentLoad | RateLoad):
+        text += (
+            f", {' or '.join(bounds)} (whichever ends first)"
+            if len(bounds) > 1
+            else (f", {bounds[0]}")
+        )
+    return text
+
+
 def single_plan(p: Profile, trace: list[TraceEntry] | None) -> OpenPlan | ClosedPlan:
     """The one phase of every load but a sweep."""
     load = p.load

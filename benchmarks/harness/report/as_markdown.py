@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import metrics as m
+from benchmarks.harness.plans import describe_load
 from benchmarks.harness.results import RunResult
 
 LATENCY_NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2E"}
@@ -280,6 +281,7 @@ def run_markdown(result: RunResult, plots: Sequence[str] = ()) -> str:
         f" · seed {p.seed}",
         "",
     ]
+    lines += [f"Load: {describe_load(p)}.", ""]
     if p.description:
         lines += [p.description.strip(), ""]
     if result.warnings:
