@@ -130,6 +130,26 @@ def _add_common(p: argparse.ArgumentParser, *, target: bool = True) -> None:
         help="period of the client's event-loop lag probe (0: off)",
     )
     g.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="load-generator processes on this host, each with its own event loop and share "
+        "of the schedule (records merged exactly; `bench selftest` measures the headroom)",
+    )
+    g.add_argument(
+        "--reset-prefix-cache",
+        action="store_true",
+        default=None,
+        help="POST <base>/reset_prefix_cache before the run (vLLM's server in dev mode)",
+    )
+    g.add_argument(
+        "--salt",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a unique first line per request so no prompt repeats (default: on, unless the "
+        "dataset shares prefixes on purpose)",
+    )
+    g.add_argument(
         "--http",
         choices=["aiohttp", "httpx"],
         default="aiohttp",
@@ -237,6 +257,8 @@ FLAG_FIELDS: tuple[tuple[str, str], ...] = (
     ("percentiles", "percentiles"),
     ("warmup", "warmup_requests"),
     ("server_metrics", "server_metrics"),
+    ("reset_prefix_cache", "reset_prefix_cache"),
+    ("salt", "dataset.salt"),
 )
 
 
@@ -355,6 +377,7 @@ def run_bench(args: argparse.Namespace) -> int:
         "token_check": args.token_check,
         "http": args.http,
         "loop_lag_interval_s": args.loop_lag_interval_ms / 1000,
+        "workers": args.workers,
     }
     if cmd == "compare":
         return _compare(args, profile, runner_kwargs, log)

@@ -23,6 +23,7 @@ import json
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,35 @@ def tcp_counters() -> dict[str, int]:
 def counter_deltas(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
     keys = (*TCP_COUNTERS, "softnet:dropped")
     return {k.split(":", 1)[1]: b.get(k, 0) - a.get(k, 0) for k in keys}
+
+
+def cpu_pressure_s() -> float:
+    """/proc/pressure/cpu `some` total: seconds in which some runnable task waited for a CPU."""
+    line = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    return int(line.rsplit("total=", 1)[1]) / 1e6
+
+
+def run_delay_s(pid: int) -> float | None:
+    """How long the process's main thread was runnable but waiting for a CPU (schedstat)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def run_client(cmd: list[str]) -> tuple[subprocess.CompletedProcess[str], float | None]:
+    """Run the client; also its main thread's wait for a CPU, read just before it exits."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)  # fmt: skip
+    delay = None
+    out: list[str] = []
+    reader = threading.Thread(target=lambda: out.append(proc.stdout.read() if proc.stdout else ""))
+    reader.start()
+    while proc.poll() is None:
+        delay = run_delay_s(proc.pid) or delay
+        time.sleep(0.1)
+    reader.join()
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out), ""), delay
 
 
 def listen_queue(port: int) -> str:
@@ -163,7 +193,9 @@ def read_result(client: str, out: Path) -> dict[str, Any]:
             for k, v in data["summary"]["latency_breakdown"].items()
             if isinstance(v, dict)
         },
-        "server": data["server"].get("histograms"),
+        "server_histograms": data["server"].get("histograms"),
+        "client_cpu": data["client"]["cpu"],
+        "client_loop_lag": data["client"]["loop_lag"],
     }
 
 
@@ -175,13 +207,16 @@ def trial(
     d.mkdir(parents=True, exist_ok=True)
     cmd = client_command(client, server.base_url, prompts, d, args)
     queue = listen_queue(server.port)
-    before, t0 = tcp_counters(), time.perf_counter()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
-    wall, after = time.perf_counter() - t0, tcp_counters()
+    before, t0, psi0 = tcp_counters(), time.perf_counter(), cpu_pressure_s()
+    r, delay = run_client(cmd)
+    wall, after, psi = time.perf_counter() - t0, tcp_counters(), cpu_pressure_s() - psi0
     (d / "client.log").write_text(r.stdout + r.stderr)
     row: dict[str, Any] = {
         "server": kind, "client": client, "round": rnd, "exit": r.returncode, "wall_s": wall,
         "listen_queue": queue, "tcp": counter_deltas(before, after),
+        # The client's main thread runnable but off-CPU (s), and the machine's CPU pressure:
+        # seconds of the trial in which some runnable task waited for a CPU.
+        "client_run_delay_s": delay, "cpu_pressure_s": psi,
     }  # fmt: skip
     try:
         res = read_result(client, d)
@@ -230,8 +265,9 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         "| server | client | round | TTFT P50 / P99 / max (ms) | >1 s | failed "
         "| loss probes | RTO timeouts | retrans segs | SYN retrans | listen overflows "
-        "| softnet drops | connect P99 (ms) |",
-        "|" + "---|" * 13,
+        "| softnet drops | connect P99 (ms) | client waited for CPU (s) | CPU pressure (s) "
+        "| wall (s) |",
+        "|" + "---|" * 16,
     ]
     for r in rows:
         if "ttft_ms" not in r:
@@ -246,7 +282,8 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"{fmt(t['p99'])} / {fmt(t['max'])} | {r['slow_requests']} | {r['failed']} "
             f"| {tcp['TCPLossProbes']} | {tcp['TCPTimeouts']} | {tcp['RetransSegs']} "
             f"| {tcp['TCPSynRetrans']} | {tcp['ListenOverflows']} | {tcp['dropped']} "
-            f"| {fmt(conn)} |"
+            f"| {fmt(conn)} | {fmt(r.get('client_run_delay_s'), '.2f')} "
+            f"| {fmt(r.get('cpu_pressure_s'), '.1f')} | {fmt(r['wall_s'])} |"
         )
     slow = [r for r in rows if r.get("ttft_ms", {}).get("p99") and r["ttft_ms"]["p99"] > 1000]
     fast = [r for r in rows if r.get("ttft_ms", {}).get("p99") and r["ttft_ms"]["p99"] <= 1000]
@@ -256,6 +293,9 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 k: statistics.median(r["tcp"][k] for r in group)
                 for k in ("TCPLossProbes", "TCPTimeouts", "RetransSegs", "dropped")
             }
+            delays = [r["client_run_delay_s"] for r in group if r.get("client_run_delay_s")]
+            if delays:
+                med["client_run_delay_s"] = round(statistics.median(delays), 2)
             lines += ["", f"Trials with {name}: {len(group)}; median counters {med}"]
     return "\n".join(lines) + "\n"
 

@@ -42,6 +42,7 @@ from benchmarks.harness.salt import SaltedStream
 from benchmarks.harness.server_metrics import ServerMetricsRecorder, deltas, gauge_stats
 from benchmarks.harness.sweeps import saturation_reason, sweep_summary
 from benchmarks.harness.transport import HttpLibrary, Transport, make_transport
+from benchmarks.harness.workers import WorkerPool, WorkerSetup
 
 
 class Runner:
@@ -57,8 +58,10 @@ class Runner:
         transport: Transport | None = None,
         loop_lag_interval_s: float = 0.005,
         log: Callable[[str], None] | None = None,
+        workers: int = 1,
     ) -> None:
         self.loop_lag_interval_s = loop_lag_interval_s
+        self.workers = workers
         self.profile = profile
         self.http_library = http
         self._transport = transport  # tests hand in their own
@@ -79,6 +82,7 @@ class Runner:
         p = self.profile
         started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         conc = peak_concurrency(p)
+        pool: WorkerPool | None = None
         http = self._transport or make_transport(
             self.http_library, conc, p.request.timeout_s, self.target.api_key
         )
@@ -99,8 +103,11 @@ class Runner:
             )
             warmup = await self._warmup(items)
             stream = self._salted(iter(items) if trace is not None else cycle(items), items)
-            phases, steps, sweep, client_cpu = await self._measure(stream, trace)
+            pool = await self._start_workers(model, conc)
+            phases, steps, sweep, client_cpu = await self._measure(stream, trace, pool)
         finally:
+            if pool is not None:
+                pool.close()
             if self._transport is None:
                 await http.aclose()
         self._check_tokens(phases.records)
@@ -123,16 +130,42 @@ class Runner:
                 "http": http.description,
                 "loop_lag": loop_lag_stats(phases.monitor.lags, p.thresholds),
                 "cpu": client_cpu,
+                "workers": pool.report() if pool else {"count": 1},
             },
         )
-        result.prompts = stream.report(shares_prefixes(p.dataset))
+        if pool is not None:  # the load came from the workers: their CPU is the client's
+            client_cpu["parent_cpu_s"] = client_cpu["cpu_s"]
+            client_cpu["cpu_s"] += sum(pool.cpu_s)
+            client_cpu["cpu_utilization"] = client_cpu["cpu_s"] / max(client_cpu["wall_s"], 1e-9)
+        result.prompts = prompts_report(stream, shares_prefixes(p.dataset), len(phases.records))
         result.cache_reset = cache_reset
         self._overall(result, phases.phases)
         result.warnings = collect_warnings(result, metrics_ok, self.recorder.error)
         return result
 
+    async def _start_workers(self, model: str, conc: int | None) -> WorkerPool | None:
+        """--workers N: the load-generator processes, started before the clock runs."""
+        if self.workers <= 1:
+            return None
+        p = self.profile
+        setup = WorkerSetup(
+            http=self.http_library,
+            target=self.target,
+            model=model,
+            request=p.request,
+            pool_concurrency=None if conc is None else -(-conc // self.workers),
+            loop_lag_interval_s=self.loop_lag_interval_s,
+        )
+        pool = WorkerPool(self.workers, setup)
+        self.log(f"starting {self.workers} load-generator processes")
+        await asyncio.to_thread(pool.start)
+        return pool
+
     async def _measure(
-        self, items: Iterator[RequestItem], trace: list[TraceEntry] | None
+        self,
+        items: Iterator[RequestItem],
+        trace: list[TraceEntry] | None,
+        pool: WorkerPool | None = None,
     ) -> tuple[PhaseRunner, list[StepResult], dict[str, Any] | None, dict[str, float]]:
         """The measured phases, with the scrapes and the client's probes running around them."""
         p = self.profile
@@ -140,7 +173,7 @@ class Runner:
         cpu, freezer = CPUMeter(), GCFreezer()
         progress = Progress(self.progress_enabled)
         t0 = self.client.t0 = self.recorder.t0 = now()
-        phases = PhaseRunner(p, self.client, self.recorder, monitor, progress, t0)
+        phases = PhaseRunner(p, self.client, self.recorder, monitor, progress, t0, pool)
         freezer.start()
         self.recorder.start()
         monitor.start()
@@ -244,6 +277,16 @@ class Runner:
             if reason:
                 break
         return steps, sweep_summary(steps, reason, rates)
+
+
+def prompts_report(stream: SaltedStream, shares: bool, sent: int) -> dict[str, Any]:
+    """Salting and distinct prompts, over the requests the run sent (workers may have
+    been handed a few they never sent)."""
+    out = stream.report(shares)
+    out["distinct_prompts"] = min(out["distinct_prompts"], sent)
+    out["requests"] = sent
+    out["repeated"] = sent - out["distinct_prompts"]
+    return out
 
 
 async def reset_prefix_cache(http: Transport, target: Target) -> dict[str, Any]:
