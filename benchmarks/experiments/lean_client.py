@@ -23,8 +23,13 @@ async def _one(session: Any, url: str, body: dict[str, Any], t0: float) -> dict[
     try:
         async with session.post(url, json=body, trace_request_ctx=rec) as resp:
             rec["status"] = resp.status
+            buf = b""
             async for chunk in resp.content.iter_any():
-                if rec["ttft_s"] is None and b'"text":"' in chunk and b'"text":""' not in chunk:
+                if rec["ttft_s"] is not None:
+                    continue
+                buf += chunk
+                *events, buf = buf.split(b"\n\n")
+                if any(_has_text(e) for e in events):
                     rec["ttft_s"] = time.perf_counter() - t0 - rec["sent"]
             rec["e2e_s"] = time.perf_counter() - t0 - rec["sent"]
             if resp.status != 200:
@@ -32,6 +37,18 @@ async def _one(session: Any, url: str, body: dict[str, Any], t0: float) -> dict[
     except Exception as e:  # a failed request is a result here, not a crash
         rec["error"] = f"{type(e).__name__}: {e}"
     return rec
+
+
+def _has_text(event: bytes) -> bool:
+    """Whether an SSE event carries generated text (not [DONE], usage or an empty chunk)."""
+    data = event.partition(b"data:")[2].strip()
+    if not data or data == b"[DONE]":
+        return False
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return False
+    return any(c.get("text") for c in obj.get("choices") or ())
 
 
 def _trace() -> Any:
