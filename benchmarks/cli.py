@@ -32,6 +32,8 @@ examples:
   codellama-serve bench sweep --base-url URL --rates 2,4,8,16,32
   codellama-serve bench compare closed-loop --target ours=http://127.0.0.1:8000 \\
       --target vllm=http://127.0.0.1:8001 --trials 3
+  codellama-serve bench capacity --base-url URL --slo ttft:p99<=500ms --slo tpot:p90<=50ms
+  codellama-serve bench selftest --workers 1,4
   codellama-serve bench profiles
 """
 
@@ -209,6 +211,48 @@ def add_bench_commands(bench: argparse.ArgumentParser) -> None:
         "a model: NAME=URL#model",
     )
     cmp.add_argument("--trials", type=int, default=3, help="rounds of A, B, … (default 3)")
+    cap = sub.add_parser(
+        "capacity",
+        help="the highest rate (or concurrency) at which SLO percentiles hold: "
+        "bracketing and bisection, the curve plotted",
+    )
+    _add_common(cap)
+    cap.add_argument(
+        "--slo",
+        action="append",
+        required=True,
+        metavar="METRIC:pN<=LIMIT",
+        help="an objective, e.g. ttft:p99<=500ms or tpot:p90<=50ms (repeat; all must hold)",
+    )
+    cap.add_argument(
+        "--closed",
+        action="store_true",
+        help="search a closed loop's concurrency (default: an open loop's rate)",
+    )
+    cap.add_argument("--start", type=float, help="first load probed (default 4 req/s or 8)")
+    cap.add_argument("--min", dest="min_load", type=float, help="lowest load probed")
+    cap.add_argument("--max", dest="max_load", type=float, help="highest load probed")
+    cap.add_argument(
+        "--tolerance", type=float, default=0.05, help="stop when the bracket is this narrow"
+    )
+    cap.add_argument("--probe-duration", type=float, default=20.0, help="seconds per probe")
+    cap.add_argument("--max-probes", type=int, default=16)
+    st = sub.add_parser(
+        "selftest",
+        help="how much load the harness sustains on this host with 1 and N workers "
+        "(against its fake server); later runs warn above it",
+    )
+    st.add_argument("--workers", default="1,4", help="worker counts to measure, e.g. 1,4")
+    st.add_argument(
+        "--rates",
+        type=_csv_floats,
+        help="open-loop rates to climb (req/s; default 250,500,1000,…,6000)",
+    )
+    st.add_argument("--duration", type=float, default=5.0, help="seconds per rate")
+    st.add_argument("--max-tokens", type=int, default=8, help="token chunks per request")
+    st.add_argument("--fake-processes", type=int, default=2, help="fake-server processes")
+    st.add_argument("--out", type=Path, help="report directory (default results/bench/<time>)")
+    st.add_argument("--quiet", action="store_true")
     sub.add_parser("profiles", help="list the bundled profiles")
     export = sub.add_parser(
         "export-dataset",
@@ -362,7 +406,11 @@ def _parse_target(spec: str, api_key: str | None) -> Target:
 
 def run_bench(args: argparse.Namespace) -> int:
     cmd = args.bench_command
-    without_profile = {"profiles": _list_profiles, "fake-server": _fake_server}
+    without_profile = {
+        "profiles": _list_profiles,
+        "fake-server": _fake_server,
+        "selftest": _selftest,
+    }
     if cmd in without_profile:
         return without_profile[cmd](args)
     if cmd == "export-dataset":
@@ -381,6 +429,8 @@ def run_bench(args: argparse.Namespace) -> int:
     }
     if cmd == "compare":
         return _compare(args, profile, runner_kwargs, log)
+    if cmd == "capacity":
+        return _capacity(args, profile, runner_kwargs, log)
     return _run(args, profile, runner_kwargs, log)
 
 
@@ -480,6 +530,85 @@ def _compare(
         print(comparison_markdown(cmp))
         print(f"report: {paths['json']}  {paths['markdown']}", file=sys.stderr)
     return _exit_code(args, [r for runs in cmp.results.values() for r in runs])
+
+
+def _capacity(
+    args: argparse.Namespace,
+    profile: Profile,
+    runner_kwargs: dict[str, Any],
+    log: Callable[[str], None],
+) -> int:
+    from benchmarks.harness.capacity import Objective, Search, capacity_summary, judge
+    from benchmarks.harness.capacity import probe_profile as at_load
+    from benchmarks.harness.client import Target
+    from benchmarks.harness.report.capacity import capacity_markdown, write_capacity
+    from benchmarks.harness.results import WarmupFailed
+    from benchmarks.harness.runner import Runner
+
+    if not args.base_url:
+        print("codellama-serve bench: --base-url is required (or OPENAI_BASE_URL)", file=sys.stderr)
+        return 2
+    try:
+        objectives = [Objective.parse(s) for s in args.slo]
+    except ValueError as e:
+        print(f"codellama-serve bench: {e}", file=sys.stderr)
+        return 2
+    target = Target(args.base_url, api_key=args.api_key, model=args.model,
+                    metrics_url=args.metrics_url, name=args.name)  # fmt: skip
+    closed = args.closed
+
+    async def run(load: float) -> Any:
+        p = at_load(profile, load, closed, args.probe_duration, objectives)
+        probe = judge(load, await Runner(p, target, log=log, **runner_kwargs).run(), objectives)
+        log(f"capacity probe {load:g}: {'meets' if probe.meets else 'misses'} ({probe.reason})")
+        return probe
+
+    search = Search(
+        run,
+        start=args.start or (8 if closed else 4),
+        low=args.min_load or (1 if closed else 0.25),
+        high=args.max_load or (1024 if closed else 4096),
+        tolerance=args.tolerance,
+        max_probes=args.max_probes,
+        integer=closed,
+    )
+    try:
+        capacity = _run_async(search.find(), args.loop)
+    except _run_errors(WarmupFailed) as e:
+        print(f"codellama-serve bench: {target.api}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    data = capacity_summary(search, capacity, objectives, closed)
+    data["command"] = sys.argv
+    title = f"{profile.name} · {target.label}"
+    paths = write_capacity(data, _out_dir(args, f"capacity-{profile.name}"), title)
+    if not args.quiet:
+        print(capacity_markdown(data, title))
+        print(f"report: {paths['json']}  {paths['markdown']}", file=sys.stderr)
+    return 0 if capacity is not None else 1
+
+
+def _selftest(args: argparse.Namespace) -> int:
+    from benchmarks.harness import selftest as st
+
+    workers = [int(w) for w in str(args.workers).split(",") if w.strip()]
+    out = _out_dir(args, "selftest")
+    port = st.free_port()
+    procs = st.start_fake_servers(port, args.fake_processes, out)
+    try:
+        data = _run_async(
+            st.selftest(
+                f"http://127.0.0.1:{port}", workers, args.rates or st.DEFAULT_RATES,
+                args.duration, args.max_tokens, _log(args),
+            ),
+            "auto",
+        )  # fmt: skip
+    finally:
+        st.stop(procs)
+    path = st.save(data, out)
+    if not args.quiet:
+        print(st.selftest_markdown(data))
+        print(f"report: {out / 'selftest.md'} · headroom kept in {path}", file=sys.stderr)
+    return 0
 
 
 def _run_errors(*more: type[BaseException]) -> tuple[type[BaseException], ...]:

@@ -20,6 +20,7 @@ def collect_warnings(result: RunResult, metrics_ok: bool, metrics_error: str | N
         *_server_warnings(result, metrics_ok, metrics_error),
         *_prompt_warnings(s),
         *_cache_warnings(result),
+        *_headroom_warnings(result),
     ]
 
 
@@ -137,3 +138,44 @@ def _cache_warnings(result: RunResult) -> list[str]:
                 f"prefixes ({why}): latencies are better than for fresh prompts"
             )
     return w
+
+
+def planned_events_per_s(result: RunResult) -> float | None:
+    """SSE events per second the run asked of its client: the peak offered rate × events
+    per request (open loop), or what it got through (closed loop)."""
+    ok = [r for r in result.records if r.ok]
+    if not ok:
+        return None
+    per_request = sum(r.chunks for r in ok) / len(ok)
+    rates = [st.offered.get("offered_rate") for st in result.steps]
+    peak = max((r for r in rates if r), default=None)
+    if peak is not None:
+        return float(peak * per_request)
+    duration = result.summary.get("duration") or 0.0
+    return sum(r.chunks for r in ok) / duration if duration > 0 else None
+
+
+def _headroom_warnings(result: RunResult) -> list[str]:
+    from benchmarks.harness.selftest import headroom_path, read_headroom, sustained_events
+
+    headroom = read_headroom()
+    planned = planned_events_per_s(result)
+    workers = int(result.client.get("workers", {}).get("count", 1))
+    result.client["headroom"] = {"planned_events_per_s": planned, "selftest": None}
+    if headroom is None or planned is None:
+        return []
+    measured = sustained_events(headroom, workers)
+    if measured is None:
+        return []
+    k, sustained = measured
+    result.client["headroom"]["selftest"] = {
+        "workers": k, "sustained_events_per_s": sustained, "date": headroom.get("date"),
+    }  # fmt: skip
+    if planned <= sustained:
+        return []
+    return [
+        f"this run asks its client for ≈{planned:,.0f} SSE events/s, above the {sustained:,.0f} "
+        f"that `bench selftest` sustained with {k} worker(s) on {headroom.get('host')} "
+        f"({headroom.get('date')}; {headroom_path()}): the client may be what limits; "
+        "use more --workers"
+    ]

@@ -59,6 +59,15 @@ def sustained_events(headroom: dict[str, Any], workers: int) -> tuple[int, float
     return k, float(measured[k]["sustained_events_per_s"])
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 def start_fake_servers(port: int, processes: int, log_dir: Path) -> list[subprocess.Popen[bytes]]:
     """`bench fake-server` × processes on one port (SO_REUSEPORT); wait until it answers."""
     log_dir.mkdir(parents=True, exist_ok=True)
