@@ -210,11 +210,17 @@ def jsonl_items(path: Path) -> list[RequestItem]:
                     messages=tuple(msgs) if msgs is not None else None,
                     suffix=row.get("suffix"),
                     max_tokens=int(max_tokens) if max_tokens is not None else None,
+                    # As `export-dataset` writes it: checked against the server's usage.
+                    input_tokens=_opt_int(row.get("input_tokens")),
                 )
             )
     if not out:
         raise ValueError(f"{path}: no rows")
     return out
+
+
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else int(v)
 
 
 def trace_items(
