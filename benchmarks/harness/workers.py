@@ -263,7 +263,11 @@ class WorkerPool:
         max_concurrency: int | None,
     ) -> list[JobResult]:
         """Request i to worker i mod N; all fire on the one schedule (clock time start + offset)."""
-        caps = shares(max_concurrency, self.n) if max_concurrency else [None] * self.n
+        # The cap on requests in flight is split too (at least one each: a worker with
+        # requests and a cap of 0 would never send them).
+        caps: list[int | None] = [None] * self.n
+        if max_concurrency:
+            caps = [max(1, c) for c in shares(max_concurrency, self.n)]
         jobs = [
             (k, "open", {"t0": t0, "start": start, "sends": sends[k :: self.n],
                          "offsets": list(offsets[k :: self.n]), "max_concurrency": caps[k]})
