@@ -1,7 +1,9 @@
 """Where do the 64-stream tail latencies come from? (issue 12, finding 4)
 
 Against our server and vLLM's own (each on the demo model, started here, one at a time),
-three clients, each in a fresh process per trial, rotating every round:
+three clients, each in a fresh process per trial, rotating every round (and, with
+`--sched normal,fifo`, each also run under `chrt -f 10`: a client that gets a CPU the
+moment it wakes, as one on a machine of its own would):
 
 - `lean`: a minimal aiohttp client (experiments/lean_client.py), no harness code;
 - `vllm-bench`: vLLM's `bench serve` (experiments/vllm_bench.py);
@@ -14,6 +16,7 @@ slow trial can be matched with what TCP did in it. Run it under the shared lock:
 
     flock /tmp/codellama-cpu.lock python -m benchmarks.experiments.tails --trials 4
     python -m benchmarks.experiments.tails --servers ours --clients lean,harness --trials 6
+    python -m benchmarks.experiments.tails --servers ours --clients harness --sched normal,fifo
 """
 
 from __future__ import annotations
@@ -34,6 +37,10 @@ from benchmarks.experiments.trials import ROOT, fmt, results_dir
 
 PROG = "python -m benchmarks.experiments.tails"
 CLIENTS = ("lean", "vllm-bench", "harness")
+# How a client process is scheduled: as any other (normal), or SCHED_FIFO at priority 10
+# (fifo: it preempts the server's threads whenever it has work; the kernel's RT
+# throttling still leaves 5 % of every second to everyone else).
+SCHED = {"normal": [], "fifo": ["chrt", "-f", "10"]}
 # The kernel counters that tell lost, retransmitted or refused segments and connections.
 TCP_COUNTERS = (
     "TcpExt:TCPLossProbes", "TcpExt:TCPLossProbeRecovery", "TcpExt:TCPTimeouts",
@@ -201,18 +208,19 @@ def read_result(client: str, out: Path) -> dict[str, Any]:
 
 def trial(
     server: ServerProcess, kind: str, client: str, rnd: int, prompts: Path, out: Path,
-    args: argparse.Namespace,
+    args: argparse.Namespace, sched: str = "normal",
 ) -> dict[str, Any]:  # fmt: skip
-    d = out / f"{kind}-{client}-{rnd}"
+    d = out / f"{kind}-{client}-{sched}-{rnd}"
     d.mkdir(parents=True, exist_ok=True)
-    cmd = client_command(client, server.base_url, prompts, d, args)
+    cmd = SCHED[sched] + client_command(client, server.base_url, prompts, d, args)
     queue = listen_queue(server.port)
     before, t0, psi0 = tcp_counters(), time.perf_counter(), cpu_pressure_s()
     r, delay = run_client(cmd)
     wall, after, psi = time.perf_counter() - t0, tcp_counters(), cpu_pressure_s() - psi0
     (d / "client.log").write_text(r.stdout + r.stderr)
     row: dict[str, Any] = {
-        "server": kind, "client": client, "round": rnd, "exit": r.returncode, "wall_s": wall,
+        "server": kind, "client": client, "sched": sched, "round": rnd, "exit": r.returncode,
+        "wall_s": wall,
         "listen_queue": queue, "tcp": counter_deltas(before, after),
         # The client's main thread runnable but off-CPU (s), and the machine's CPU pressure:
         # seconds of the trial in which some runnable task waited for a CPU.
@@ -263,28 +271,39 @@ def render(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"{meta['date']} · {meta['concurrency']} streams · {meta['requests']} requests of "
         f"{meta['input_tokens']} prompt / {meta['max_tokens']} output tokens per trial",
         "",
-        "| server | client | round | TTFT P50 / P99 / max (ms) | >1 s | failed "
+        "| server | client | sched | round | TTFT P50 / P99 / max (ms) | >1 s | failed "
         "| loss probes | RTO timeouts | retrans segs | SYN retrans | listen overflows "
         "| softnet drops | connect P99 (ms) | client waited for CPU (s) | CPU pressure (s) "
         "| wall (s) |",
-        "|" + "---|" * 16,
+        "|" + "---|" * 17,
     ]
     for r in rows:
         if "ttft_ms" not in r:
-            lines.append(f"| {r['server']} | {r['client']} | {r['round']} | {r.get('error')} |")
+            lines.append(
+                f"| {r['server']} | {r['client']} | {r.get('sched')} | {r['round']} "
+                f"| {r.get('error')} |"
+            )
             continue
         t, tcp = r["ttft_ms"], r["tcp"]
         conn = (r.get("connect_ms") or {}).get("p99")
         if conn is None:
             conn = (r.get("breakdown") or {}).get("connect", {}).get("p99_ms")
         lines.append(
-            f"| {r['server']} | {r['client']} | {r['round']} | {fmt(t['p50'])} / "
+            f"| {r['server']} | {r['client']} | {r.get('sched', 'normal')} | {r['round']} "
+            f"| {fmt(t['p50'])} / "
             f"{fmt(t['p99'])} / {fmt(t['max'])} | {r['slow_requests']} | {r['failed']} "
             f"| {tcp['TCPLossProbes']} | {tcp['TCPTimeouts']} | {tcp['RetransSegs']} "
             f"| {tcp['TCPSynRetrans']} | {tcp['ListenOverflows']} | {tcp['dropped']} "
             f"| {fmt(conn)} | {fmt(r.get('client_run_delay_s'), '.2f')} "
             f"| {fmt(r.get('cpu_pressure_s'), '.1f')} | {fmt(r['wall_s'])} |"
         )
+    for sched in sorted({r.get("sched", "normal") for r in rows}):
+        mine = [r for r in rows if r.get("sched", "normal") == sched and r.get("ttft_ms")]
+        if mine:
+            p99 = sorted(r["ttft_ms"]["p99"] for r in mine)
+            lines += ["", f"Clients scheduled `{sched}`: {len(mine)} trials, TTFT P99 "
+                      f"median {statistics.median(p99):,.0f} ms, range {p99[0]:,.0f}–"
+                      f"{p99[-1]:,.0f} ms; {sum(r['failed'] for r in mine)} failed."]  # fmt: skip
     slow = [r for r in rows if r.get("ttft_ms", {}).get("p99") and r["ttft_ms"]["p99"] > 1000]
     fast = [r for r in rows if r.get("ttft_ms", {}).get("p99") and r["ttft_ms"]["p99"] <= 1000]
     for name, group in (("P99 > 1 s", slow), ("P99 ≤ 1 s", fast)):
@@ -304,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__)
     p.add_argument("--servers", default="ours,vllm")
     p.add_argument("--clients", default=",".join(CLIENTS))
+    p.add_argument("--sched", default="normal", help="client scheduling: normal, fifo or both")
     p.add_argument("--trials", type=int, default=4, help="rounds per server (clients rotate)")
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--requests", type=int, default=256)
@@ -311,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
-    servers, clients = args.servers.split(","), args.clients.split(",")
+    servers, scheds = args.servers.split(","), args.sched.split(",")
+    clients = [(c, sc) for c in args.clients.split(",") for sc in scheds]
     out = args.out or results_dir("tails")
     out.mkdir(parents=True, exist_ok=True)
     n_trials = len(servers) * len(clients) * args.trials
@@ -328,13 +349,14 @@ def main(argv: list[str] | None = None) -> int:
         with running_server(kind, out / f"{kind}.log") as server:
             for rnd in range(args.trials):
                 k = rnd % len(clients)
-                for client in [*clients[k:], *clients[:k]]:
+                for client, sched in [*clients[k:], *clients[:k]]:
                     prompts = trial_prompts(all_prompts, out, index, args.requests)
                     index += 1
-                    row = trial(server, kind, client, rnd, prompts, out, args)
+                    row = trial(server, kind, client, rnd, prompts, out, args, sched)
                     rows.append(row)
-                    print(json.dumps({k: row.get(k) for k in ("server", "client", "round",
-                          "ttft_ms", "failed", "tcp")}), file=sys.stderr, flush=True)  # fmt: skip
+                    print(json.dumps({k: row.get(k) for k in ("server", "client", "sched",
+                          "round", "ttft_ms", "failed", "client_run_delay_s")}), file=sys.stderr,
+                          flush=True)  # fmt: skip
                     (out / "tails.json").write_text(json.dumps({"meta": meta, "trials": rows}))
     table = render(rows, meta)
     (out / "tails.md").write_text(table)
