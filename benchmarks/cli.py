@@ -139,6 +139,14 @@ def _add_common(p: argparse.ArgumentParser, *, target: bool = True) -> None:
         "of the schedule (records merged exactly; `bench selftest` measures the headroom)",
     )
     g.add_argument(
+        "--client-priority",
+        type=int,
+        metavar="N",
+        help="run the load generator (and its workers) with SCHED_FIFO priority N (1-99; "
+        "Linux, root or CAP_SYS_NICE): on a small machine shared with the server, the client "
+        "then gets a CPU the moment it has work, as on a machine of its own",
+    )
+    g.add_argument(
         "--reset-prefix-cache",
         action="store_true",
         default=None,
@@ -417,7 +425,7 @@ def run_bench(args: argparse.Namespace) -> int:
         return _export(args)
     log = _log(args)
     profile = _profile_or_none(args, default="sweep" if cmd == "sweep" else "default")
-    if profile is None:
+    if profile is None or not _set_priority(args.client_priority):
         return 2
     runner_kwargs = {
         "progress": _progress(args),
@@ -432,6 +440,19 @@ def run_bench(args: argparse.Namespace) -> int:
     if cmd == "capacity":
         return _capacity(args, profile, runner_kwargs, log)
     return _run(args, profile, runner_kwargs, log)
+
+
+def _set_priority(priority: int | None) -> bool:
+    """SCHED_FIFO at `priority` for this process (threads and workers started later inherit
+    it); False (and why, on stderr) if the system refuses."""
+    if priority is None:
+        return True
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(priority))
+    except (OSError, AttributeError) as e:
+        print(f"codellama-serve bench: --client-priority {priority}: {e}", file=sys.stderr)
+        return False
+    return True
 
 
 def _profile_or_none(args: argparse.Namespace, default: str = "default") -> Profile | None:

@@ -38,14 +38,29 @@ def _schedule_warnings(steps: Sequence[StepResult]) -> list[str]:
     return w
 
 
+# The client's event-loop thread waiting for a CPU for more than this share of the run.
+MAX_RUN_DELAY_SHARE = 0.05
+
+
 def _client_warnings(client: dict[str, Any], thresholds: Thresholds) -> list[str]:
+    w = []
     lag = client["loop_lag"]
     if lag.get("overloaded"):
-        return [
+        w.append(
             f"client event-loop lag p99 {lag['p99_ms']:.1f} ms > "
             f"{thresholds.max_loop_lag_p99_ms:g} ms: the client may be the bottleneck"
-        ]
-    return []
+        )
+    cpu = client.get("cpu") or {}
+    delay, wall = cpu.get("run_delay_s"), cpu.get("wall_s")
+    if delay is not None and wall and delay > MAX_RUN_DELAY_SHARE * wall:
+        w.append(
+            f"the client's event loop waited {delay:.2f} s for a CPU ({delay / wall:.0%} of the "
+            f"run) while it had work (using {cpu.get('cpu_s', 0):.2f} s): the host's CPUs were "
+            "busy with other processes (the server, on a shared machine), and its timestamps are "
+            "late by as much; give the client cores of its own (taskset) or priority "
+            "(--client-priority)"
+        )
+    return w
 
 
 def _failure_warnings(s: dict[str, Any]) -> list[str]:

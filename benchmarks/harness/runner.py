@@ -128,6 +128,7 @@ class Runner:
                 "platform": platform.platform(),
                 "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
                 "http": http.description,
+                "scheduling": scheduling_policy(),
                 "loop_lag": loop_lag_stats(phases.monitor.lags, p.thresholds),
                 "cpu": client_cpu,
                 "workers": pool.report() if pool else {"count": 1},
@@ -277,6 +278,19 @@ class Runner:
             if reason:
                 break
         return steps, sweep_summary(steps, reason, rates)
+
+
+def scheduling_policy() -> str:
+    """How the OS schedules the client: `normal`, or `fifo:<priority>` (--client-priority)."""
+    import os
+
+    try:
+        policy = os.sched_getscheduler(0)
+    except (OSError, AttributeError):
+        return "unknown"
+    if policy == getattr(os, "SCHED_FIFO", -1):
+        return f"fifo:{os.sched_getparam(0).sched_priority}"
+    return "normal"
 
 
 def prompts_report(stream: SaltedStream, shares: bool, sent: int) -> dict[str, Any]:

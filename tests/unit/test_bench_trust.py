@@ -343,3 +343,14 @@ async def test_workers_share_the_schedule_and_records_merge_exactly() -> None:
     assert len(opened.records) == 100
     assert [r.worker for r in opened.records[:4]] == [0, 1, 0, 1]  # request i to worker i mod 2
     assert len(closed.records) == 25 and closed.prompts["distinct_prompts"] == 25
+
+
+def test_a_client_starved_of_cpu_is_told() -> None:
+    from benchmarks.harness.caveats import _client_warnings
+
+    lag = {"overloaded": False}
+    starved = {"loop_lag": lag, "cpu": {"run_delay_s": 3.9, "wall_s": 7.6, "cpu_s": 0.47}}
+    (w,) = _client_warnings(starved, Thresholds())
+    assert "waited 3.90 s for a CPU (51% of the run)" in w
+    fine = {"loop_lag": lag, "cpu": {"run_delay_s": 0.1, "wall_s": 7.6, "cpu_s": 0.47}}
+    assert _client_warnings(fine, Thresholds()) == []

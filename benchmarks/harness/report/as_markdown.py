@@ -264,7 +264,10 @@ def client_table(client: dict[str, Any]) -> list[str]:
         f"| event-loop lag P50 / P99 / max (ms) | {f(lag.get('p50_ms'), 2)} / "
         f"{f(lag.get('p99_ms'), 2)} / {f(lag.get('max_ms'), 2)} |",
         f"| overloaded | {f(lag.get('overloaded'))} |",
-        f"| HTTP | {client['http']} · event loop {client['event_loop']} |",
+        f"| waited for a CPU while it had work (run delay) | {f(cpu.get('run_delay_s'), 2)} s |",
+        f"| HTTP | {client['http']} · event loop {client['event_loop']} "
+        f"· scheduling {client.get('scheduling', 'normal')} "
+        f"· {client.get('workers', {}).get('count', 1)} process(es) |",
     ]
 
 
