@@ -169,7 +169,13 @@ class Measurable(Protocol):
 
 
 def server_trial(
-    target: Measurable, cfg: LoadConfig, prompts: Path, out: Path, rnd: int, pin: str | None = None
+    target: Measurable,
+    cfg: LoadConfig,
+    prompts: Path,
+    out: Path,
+    rnd: int,
+    pin: str | None = None,
+    priority: int | None = None,
 ) -> Trial:
     report_dir = out / f"{cfg.name}-{target.name}-{rnd}"
     cmd = harness_command(
@@ -181,6 +187,8 @@ def server_trial(
         "--no-plots", "--no-server-metrics", "--token-check", "never", "--quiet",
         "--out", str(report_dir),
     )  # fmt: skip
+    if priority is not None:  # SCHED_FIFO: the client gets a CPU when it has work
+        cmd += ["--client-priority", str(priority)]
     if pin:
         cmd = ["taskset", "-c", pin, *cmd]
     fe0, en0 = target.cpu()
