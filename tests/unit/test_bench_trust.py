@@ -354,3 +354,11 @@ def test_a_client_starved_of_cpu_is_told() -> None:
     assert "waited 3.90 s for a CPU (51% of the run)" in w
     fine = {"loop_lag": lag, "cpu": {"run_delay_s": 0.1, "wall_s": 7.6, "cpu_s": 0.47}}
     assert _client_warnings(fine, Thresholds()) == []
+
+
+def test_client_priority_is_refused_plainly(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.cli import _set_priority
+
+    assert _set_priority(None)
+    assert not _set_priority(0)  # SCHED_FIFO priorities are 1-99: an error, not a crash
+    assert "--client-priority 0" in capsys.readouterr().err
