@@ -4,6 +4,7 @@ exactly 128 output tokens, interleaved and rotated (A B, B A, …). Each round g
 no earlier round sent (no prefix-cache help from an earlier run), both tools the same.
 
     flock /tmp/codellama-cpu.lock python -m benchmarks.experiments.agreement --rounds 6
+    ... --client-priority 10   # both clients under chrt -f 10 (no waits for a CPU)
 
 It reports, per metric, each tool's median and the harness / vLLM ratio, round by
 round: its median with a bootstrap 95 % interval (benchmarks/harness/stats.py).
@@ -40,9 +41,14 @@ def export(out: Path, count: int) -> Path:
     return path
 
 
-def ours_run(url: str, prompts: Path, out: Path, n: int) -> dict[str, Any]:
+def _sched(priority: int | None) -> list[str]:
+    return [] if priority is None else ["chrt", "-f", str(priority)]
+
+
+def ours_run(url: str, prompts: Path, out: Path, n: int, priority: int | None) -> dict[str, Any]:
     subprocess.run(
-        harness_command(
+        _sched(priority)
+        + harness_command(
             "run", "agreement", "--base-url", url, "--num-requests", str(n), "--dataset", "jsonl",
             "--dataset-path", str(prompts), "--set", "dataset.shuffle=false", "--no-salt",
             "--no-progress", "--no-plots", "--quiet", "--out", str(out),
@@ -53,13 +59,12 @@ def ours_run(url: str, prompts: Path, out: Path, n: int) -> dict[str, Any]:
     return data
 
 
-def vllm_run(url: str, prompts: Path, out: Path, n: int) -> dict[str, Any]:
+def vllm_run(url: str, prompts: Path, out: Path, n: int, priority: int | None) -> dict[str, Any]:
     from engine.config import DEMO_MODEL_NAME
     from engine.demo_model import ensure_demo_model
 
     out.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [
+    argv = [
             sys.executable, "-m", "benchmarks.experiments.vllm_bench", "--backend", "openai",
             "--base-url", url, "--endpoint", "/v1/completions", "--model", DEMO_MODEL_NAME,
             "--tokenizer", str(ensure_demo_model()), "--dataset-name", "custom",
@@ -68,9 +73,8 @@ def vllm_run(url: str, prompts: Path, out: Path, n: int) -> dict[str, Any]:
             "--num-warmups", "1", "--percentile-metrics", "ttft,tpot,itl,e2el",
             "--metric-percentiles", "50,90,99", "--save-result", "--result-dir", str(out),
             "--result-filename", "vllm.json", "--disable-tqdm",
-        ],
-        cwd=ROOT, check=True, capture_output=True,
-    )  # fmt: skip
+    ]  # fmt: skip
+    subprocess.run([*_sched(priority), *argv], cwd=ROOT, check=True, capture_output=True)
     data: dict[str, Any] = json.loads((out / "vllm.json").read_text())
     return data
 
@@ -106,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--out", type=Path)
+    p.add_argument("--client-priority", type=int, metavar="N", help="both clients at SCHED_FIFO N")
     args = p.parse_args(argv)
     out = args.out or results_dir("agreement")
     out.mkdir(parents=True, exist_ok=True)
@@ -118,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             for tool in ("harness", "vllm") if rnd % 2 == 0 else ("vllm", "harness"):
                 d = out / f"{tool}-{rnd}"
                 run = ours_run if tool == "harness" else vllm_run
-                runs[tool].append(run(server.base_url, prompts, d, args.requests))
+                runs[tool].append(
+                    run(server.base_url, prompts, d, args.requests, args.client_priority)
+                )
                 order.append(tool)
                 r = runs[tool][-1]
                 print(
@@ -127,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-    meta = run_meta(PROG, argv, args.rounds, order=order)
+    meta = run_meta(PROG, argv, args.rounds, order=order, client_priority=args.client_priority)
     table = render(runs, meta)
     (out / "agreement.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
     (out / "agreement.md").write_text(table)
