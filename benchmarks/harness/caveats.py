@@ -38,8 +38,10 @@ def _schedule_warnings(steps: Sequence[StepResult]) -> list[str]:
     return w
 
 
-# The client's event-loop thread waiting for a CPU for more than this share of the run.
+# The client's event-loop thread waiting for a CPU for more than this share of the run,
+# and more than this in all (shorter waits show in the event-loop lag already).
 MAX_RUN_DELAY_SHARE = 0.05
+MIN_RUN_DELAY_S = 0.25
 
 
 def _client_warnings(client: dict[str, Any], thresholds: Thresholds) -> list[str]:
@@ -52,7 +54,7 @@ def _client_warnings(client: dict[str, Any], thresholds: Thresholds) -> list[str
         )
     cpu = client.get("cpu") or {}
     delay, wall = cpu.get("run_delay_s"), cpu.get("wall_s")
-    if delay is not None and wall and delay > MAX_RUN_DELAY_SHARE * wall:
+    if delay is not None and wall and delay > max(MAX_RUN_DELAY_SHARE * wall, MIN_RUN_DELAY_S):
         w.append(
             f"the client's event loop waited {delay:.2f} s for a CPU ({delay / wall:.0%} of the "
             f"run) while it had work (using {cpu.get('cpu_s', 0):.2f} s): the host's CPUs were "
