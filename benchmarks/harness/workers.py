@@ -239,7 +239,11 @@ class WorkerPool:
     async def _result(self, k: int, items: Iterator[RequestItem] | None) -> JobResult:
         conn = self._conns[k]
         while True:
-            kind, payload = await asyncio.to_thread(conn.recv)
+            try:
+                kind, payload = await asyncio.to_thread(conn.recv)
+            except EOFError:
+                code = self._procs[k].exitcode
+                raise RuntimeError(f"load worker {k} died (exit code {code})") from None
             if kind == "more" and items is not None:
                 conn.send(("items", [next(items) for _ in range(payload)]))
             elif kind == "result":
