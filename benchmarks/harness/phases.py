@@ -1,6 +1,6 @@
-"""Running phases of load: a dispatcher that fires each open-loop request at its absolute
-time, closed-loop workers, the server's scrapes at window boundaries, and each window's
-summary.
+"""Running phases of load: the requests and their records, the load loops (loops.py) in
+this process or in --workers processes (workers.py), the server's scrapes at window
+boundaries, and each window's summary.
 
 Open loop: the whole schedule is computed first (plans.py); a dispatcher sleeps
 until each absolute send time (`start + offset`) and fires the request as its own
