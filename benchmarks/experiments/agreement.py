@@ -1,7 +1,10 @@
 """The agreement check: this harness and vLLM's `bench serve` against one server (ours,
 demo model), the same prompts, closed loop at 16, 200 requests of 256 prompt tokens and
-exactly 128 output tokens, interleaved and rotated (A B, B A, …). Each round gets prompts
-no earlier round sent (no prefix-cache help from an earlier run), both tools the same.
+exactly 128 output tokens, interleaved and rotated (A B, B A, …). Every run gets prompts
+no other run sent: the same generator, lengths and count for both tools, but never the
+same text, since our server cannot reset its prefix cache and whichever tool ran second
+would be served half of each prompt from it (the first version of this experiment did
+exactly that; the harness's prefix-cache warning caught it).
 
     flock /tmp/codellama-cpu.lock python -m benchmarks.experiments.agreement --rounds 6
     ... --client-priority 10   # both clients under chrt -f 10 (no waits for a CPU)
