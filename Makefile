@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 # helm for the chart tests (tests/e2e/test_chart*.py), installed into the repo.
 HELM := .tools/helm
 
-.PHONY: setup helm serve test test-unit lint format demo-model bench parity soak ray-bench clean
+.PHONY: setup helm serve test test-unit lint format demo-model bench parity soak ray-bench spec-bench clean
 
 setup: $(STAMP) demo-model $(HELM)
 
@@ -78,6 +78,12 @@ soak: setup
 # tables in results/ray/<time>/. make ray-bench RAY_BENCH_ARGS="--trials 5"
 ray-bench: setup
 	$(BIN)/python -m benchmarks.experiments.ray_modes $(RAY_BENCH_ARGS)
+
+# Speculative decoding (issue 15): n-gram speculation on and off, code-rewrite and plain
+# prompts, 1 and 64 streams, interleaved; tables in results/spec/<time>/.
+# make spec-bench SPEC_BENCH_ARGS="--trials 5 --targets off,ngram,suffix"
+spec-bench: setup
+	$(BIN)/python -m benchmarks.experiments.spec_decode $(SPEC_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -65,13 +65,19 @@ def _add_common(p: argparse.ArgumentParser, *, target: bool = True) -> None:
     g.add_argument("--arrival", choices=["constant", "poisson", "gamma"])
     g.add_argument("--burstiness", type=float, help="gamma shape (<1 burstier, 1 Poisson)")
     g.add_argument("--max-concurrency", type=int, help="open loop: cap on requests in flight")
+    g.add_argument("--sessions", type=int, help="sessions load (editor): virtual users")
     g.add_argument("--num-requests", type=int)
     g.add_argument("--duration", type=float, help="seconds of load")
     g.add_argument("--rates", type=_csv_floats, help="sweep these rates, e.g. 1,2,4,8")
     g.add_argument("--trace", type=Path, help="replay a JSONL trace")
     g.add_argument("--time-scale", type=float, help="trace: multiply its times")
     g = p.add_argument_group("what is sent")
-    g.add_argument("--dataset", choices=["humaneval", "infill", "chat", "synthetic", "jsonl"])
+    g.add_argument(
+        "--dataset",
+        choices=["humaneval", "infill", "chat", "synthetic", "jsonl", "shared-prefix", "mix"],
+        help="(editor and chat-sessions run as `load: {type: sessions}` profiles: "
+        "editor.yaml, or --set)",
+    )
     g.add_argument("--dataset-path", type=Path, help="jsonl: the file")
     g.add_argument("--input-tokens", type=int, help="synthetic: prompt tokens (fixed)")
     g.add_argument("--output-tokens", type=int, help="max_tokens per request (fixed)")
@@ -288,6 +294,7 @@ FLAG_FIELDS: tuple[tuple[str, str], ...] = (
     ("arrival", "load.arrival"),
     ("burstiness", "load.burstiness"),
     ("max_concurrency", "load.max_concurrency"),
+    ("sessions", "load.sessions"),
     ("time_scale", "load.time_scale"),
     ("num_requests", "num_requests"),
     ("duration", "duration_s"),
@@ -426,6 +433,11 @@ def run_bench(args: argparse.Namespace) -> int:
     log = _log(args)
     profile = _profile_or_none(args, default="sweep" if cmd == "sweep" else "default")
     if profile is None or not _set_priority(args.client_priority):
+        return 2
+    from benchmarks.harness.workers import workers_refused
+
+    if refused := workers_refused(profile.load, args.workers):
+        print(f"codellama-serve bench: {refused}", file=sys.stderr)
         return 2
     runner_kwargs = {
         "progress": _progress(args),
@@ -649,7 +661,11 @@ def _export(args: argparse.Namespace) -> int:
     profile = _profile_or_none(args)
     if profile is None:
         return 2
-    items = build_items(profile.dataset, profile.seed, lambda: load_tokenizer(args.tokenizer))
+    try:
+        items = build_items(profile.dataset, profile.seed, lambda: load_tokenizer(args.tokenizer))
+    except ValueError as e:  # e.g. editor sessions: made while they run
+        print(f"codellama-serve bench export-dataset: {e}", file=sys.stderr)
+        return 2
     count = args.count or len(items)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.output.open("w", encoding="utf-8") as f:

@@ -150,9 +150,15 @@ def main(argv: list[str] | None = None) -> int:
 
         return serve_with_ray(settings)
     from engine.config import resolve
+    from engine.llm import EngineSetupError, check_setup
     from engine.server import serve
 
-    return serve(resolve(settings, gpu=has_gpu(), mode="standalone"))
+    resolved = resolve(settings, gpu=has_gpu(), mode="standalone")
+    try:
+        check_setup(resolved)
+    except EngineSetupError as e:
+        parser.exit(2, f"codellama-serve: {e}\n")
+    return serve(resolved)
 
 
 def _demo_model(rebuild: bool) -> int:

@@ -47,7 +47,9 @@ class Tokenizer(Protocol):
     unk_token_id: int | None
 
     def encode(self, text: str, **kwargs: Any) -> list[int]: ...
+    def decode(self, token_ids: list[int], **kwargs: Any) -> str: ...
     def convert_tokens_to_ids(self, tokens: str) -> int: ...
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +115,14 @@ class CodeLlamaPrompts:
     def encode(self, text: str) -> list[int]:
         """Tokens of `text` with SentencePiece's implicit leading space (Meta's `encode`)."""
         return self.encode_infilling(" " + text)
+
+    def decode(self, token_ids: list[int]) -> str:
+        """The text of `token_ids`, control tokens spelled out (as vLLM's /detokenize)."""
+        return self._tokenizer.decode(token_ids)
+
+    def pieces(self, token_ids: list[int]) -> list[str]:
+        """The vocabulary entry of each id ("▁def", "<s>")."""
+        return self._tokenizer.convert_ids_to_tokens(token_ids)
 
     # -- the three prompt formats
 

@@ -8,13 +8,21 @@ Engine flags keep vLLM's names so that vLLM users feel at home.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_PREFIX = "CODELLAMA_SERVE_"
 DEMO_MODEL = "demo"  # what `--model` says for the embedded demo model
@@ -261,6 +269,121 @@ class RayConfig(Section):
         return self
 
 
+# ---------------------------------------------------------------- decoding
+
+
+def _json_object(value: Any) -> Any:
+    # A flag gives the JSON as text; the file and env vars give a mapping already.
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not valid JSON ({e})") from None
+    return value
+
+
+class _SpeculationBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    num_speculative_tokens: int | None = Field(
+        None, ge=1, le=64, description="Tokens proposed per step."
+    )
+
+
+class NgramSpeculation(_SpeculationBase):
+    """vLLM's n-gram proposer: drafts the tokens that followed the last n-gram's
+    earlier occurrence in the prompt or output (prompt lookup decoding)."""
+
+    method: Literal["ngram"]
+    num_speculative_tokens: int = Field(ge=1, le=64, description="Tokens proposed per step.")
+    prompt_lookup_max: int | None = Field(None, ge=1, description="Longest n-gram matched.")
+    prompt_lookup_min: int | None = Field(None, ge=1, description="Shortest n-gram matched.")
+
+    @model_validator(mode="after")
+    def _lookup_bounds(self) -> NgramSpeculation:
+        low, high = self.prompt_lookup_min, self.prompt_lookup_max
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"prompt_lookup_min ({low}) > prompt_lookup_max ({high})")
+        return self
+
+
+class SuffixSpeculation(_SpeculationBase):
+    """vLLM's suffix decoding (Arctic Inference's suffix trees over the prompt and
+    earlier outputs); needs the `arctic-inference` package."""
+
+    method: Literal["suffix"]
+    suffix_decoding_max_tree_depth: int | None = Field(None, ge=1)
+    suffix_decoding_max_cached_requests: int | None = Field(None, ge=0)
+    suffix_decoding_max_spec_factor: float | None = Field(None, ge=0)
+    suffix_decoding_min_token_prob: float | None = Field(None, ge=0, le=1)
+
+
+# The speculative methods that need no second model (draft model, EAGLE head, MTP
+# weights): what suits code editing, where the output repeats the input.
+SPECULATIVE_METHODS = ("ngram", "suffix")
+Speculation = Annotated[NgramSpeculation | SuffixSpeculation, Field(discriminator="method")]
+
+
+class StructuredOutputsEngineConfig(BaseModel):
+    """vLLM's engine-wide structured-output options (`--structured-outputs-config`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backend: Literal["auto", "xgrammar", "guidance", "outlines", "lm-format-enforcer"] = Field(
+        "auto", description="Grammar engine (auto: xgrammar, falling back per request)."
+    )
+    disable_any_whitespace: bool = Field(
+        False,
+        description="JSON output without whitespace between tokens (xgrammar, guidance only).",
+    )
+    disable_additional_properties: bool = Field(
+        False, description="guidance only: no additionalProperties unless the schema says so."
+    )
+
+    @model_validator(mode="after")
+    def _backend_options(self) -> StructuredOutputsEngineConfig:
+        # vLLM's own rules, checked here so a bad combination fails at start-up.
+        if self.disable_any_whitespace and self.backend not in ("xgrammar", "guidance"):
+            raise ValueError("disable_any_whitespace needs backend 'xgrammar' or 'guidance'")
+        if self.disable_additional_properties and self.backend != "guidance":
+            raise ValueError("disable_additional_properties needs backend 'guidance'")
+        return self
+
+
+class DecodingConfig(Section):
+    """Speculative decoding and structured outputs (vLLM's JSON options)."""
+
+    speculative_config: Speculation | None = Field(
+        None,
+        description="Speculative decoding, as vLLM's JSON, with a method that needs no second "
+        'model: \'{"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4}\' '
+        'or \'{"method": "suffix"}\' (needs arctic-inference). none: off.',
+    )
+    structured_outputs_config: StructuredOutputsEngineConfig | None = Field(
+        None,
+        description="Structured outputs for the whole engine, as vLLM's JSON: "
+        '\'{"backend": "xgrammar", "disable_any_whitespace": true}\'. none: vLLM\'s defaults.',
+    )
+
+    @field_validator("speculative_config", mode="before")
+    @classmethod
+    def _speculation(cls, value: Any) -> Any:
+        value = _json_object(value)
+        if isinstance(value, dict):
+            method = value.get("method")
+            if "model" in value or method not in SPECULATIVE_METHODS:
+                raise ValueError(
+                    f"method {method!r} is not supported: only the methods that need no "
+                    f"second model are ({', '.join(SPECULATIVE_METHODS)}), without 'model'"
+                )
+        return value
+
+    @field_validator("structured_outputs_config", mode="before")
+    @classmethod
+    def _structured(cls, value: Any) -> Any:
+        return _json_object(value)
+
+
 class Settings(Section):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     features: ModelFeaturesConfig = Field(default_factory=ModelFeaturesConfig)
@@ -268,6 +391,7 @@ class Settings(Section):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    decoding: DecodingConfig = Field(default_factory=DecodingConfig)
 
 
 def sections() -> dict[str, type[Section]]:
@@ -348,13 +472,20 @@ def _describe(error: ValidationError) -> str:
     lines = []
     for e in error.errors():
         loc = [str(p) for p in e["loc"]]
-        name = loc[-1] if loc else "settings"
-        if e["type"] == "extra_forbidden":
+        # [section, setting, ...]: a setting holding JSON reports the key inside it too
+        # (without the method tag of a union such as speculative_config's).
+        name = loc[1] if len(loc) > 1 else (loc[0] if loc else "settings")
+        within = ".".join(p for p in loc[2:] if p not in SPECULATIVE_METHODS)
+        flag = f"--{name.replace('_', '-')} ({env_var(name)})"
+        if e["type"] == "extra_forbidden" and len(loc) > 2:
+            lines.append(f"{flag}: {within}: unknown key")
+        elif e["type"] == "extra_forbidden":
             lines.append(f"{'.'.join(loc)}: unknown setting")
-        elif name in Settings.model_fields:  # a check across a whole section
+        elif len(loc) < 2:  # a check across a whole section
             lines.append(f"{name}: {e['msg']}")
         else:
-            lines.append(f"--{name.replace('_', '-')} ({env_var(name)}): {e['msg']}")
+            where = f" {within}:" if within else ""
+            lines.append(f"{flag}:{where} {e['msg']}")
     return "invalid settings:\n  " + "\n  ".join(lines)
 
 
@@ -398,6 +529,10 @@ class ResolvedSettings(BaseModel):
     @property
     def ray(self) -> RayConfig:
         return self.settings.ray
+
+    @property
+    def decoding(self) -> DecodingConfig:
+        return self.settings.decoding
 
     @property
     def model(self) -> str:

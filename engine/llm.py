@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from engine.config import ResolvedSettings
 
@@ -38,7 +39,24 @@ class EngineNotReadyError(EngineError):
     """The engine has not finished loading."""
 
 
+class EngineSetupError(EngineError):
+    """Settings this vLLM install cannot serve (found before the engine starts)."""
+
+
 # ---------------------------------------------------------------- data types
+
+
+@dataclass(frozen=True, slots=True)
+class OutputConstraint:
+    """A structured-output constraint: generation may only produce text that matches it.
+
+    `kind` is what `value` is: "json" (a JSON Schema, a dict), "json_object" (any JSON
+    object; value True), "regex" (a pattern), "choice" (a list of strings) or "grammar"
+    (EBNF or Lark text).
+    """
+
+    kind: Literal["json", "json_object", "regex", "choice", "grammar"]
+    value: Any
 
 
 @dataclass(slots=True)
@@ -66,6 +84,7 @@ class SamplingOptions:
     # Streaming gets each step's new tokens; otherwise one final output, with
     # no per-step work in the frontend at all.
     stream: bool = True
+    constraint: OutputConstraint | None = None  # structured outputs
 
 
 @dataclass(slots=True)
@@ -111,6 +130,42 @@ class EngineStats:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of them, found there
     preemptions: int = 0  # sequences the scheduler preempted (KV cache full)
+    spec_decode: SpecDecodeStats | None = None  # with speculative decoding on
+
+    def add_spec_decode(self, step: Any) -> None:
+        """Add one step's speculative decoding counts (vLLM's SpecDecodingStats, or None)."""
+        if step is None:
+            return
+        if self.spec_decode is None:
+            self.spec_decode = SpecDecodeStats()
+        self.spec_decode.add(step)
+
+
+@dataclass(slots=True)
+class SpecDecodeStats:
+    """Speculative decoding's running totals, as vLLM's scheduler counts them.
+
+    A draft is one sequence's proposal in one step; the acceptance rate is
+    accepted_tokens / draft_tokens, and a position's rate is
+    accepted_per_position[i] / drafts (how often the i-th proposed token survived).
+    """
+
+    drafts: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def add(self, stats: Any) -> None:
+        self.drafts += stats.num_drafts
+        self.draft_tokens += stats.num_draft_tokens
+        self.accepted_tokens += stats.num_accepted_tokens
+        per_position = stats.num_accepted_tokens_per_pos
+        if len(self.accepted_per_position) < len(per_position):
+            self.accepted_per_position += [0] * (
+                len(per_position) - len(self.accepted_per_position)
+            )
+        for i, accepted in enumerate(per_position):
+            self.accepted_per_position[i] += accepted
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,12 +218,38 @@ def engine_args(settings: ResolvedSettings, model_path: str) -> Any:
         # series) are off; ours gets the scheduler stats (see _StatsLogger).
         disable_log_stats=True,
     )
+    decoding = settings.decoding
+    if decoding.speculative_config is not None:
+        kwargs["speculative_config"] = decoding.speculative_config.model_dump(exclude_none=True)
+    if decoding.structured_outputs_config is not None:
+        from vllm.config import StructuredOutputsConfig
+
+        kwargs["structured_outputs_config"] = StructuredOutputsConfig(
+            **decoding.structured_outputs_config.model_dump()
+        )
     if settings.gpu:
         kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
     else:
         # The KV cache is sized in bytes on CPU, not as a share of device memory.
         kwargs["kv_cache_memory_bytes"] = int(cfg.cpu_kvcache_space_gib * GIB)
     return AsyncEngineArgs(**kwargs)
+
+
+def check_setup(settings: ResolvedSettings) -> None:
+    """Raise EngineSetupError, with what to do, for settings this install cannot serve
+    (before minutes of model loading, and with a clearer message than vLLM's)."""
+    import importlib.util
+
+    spec = settings.decoding.speculative_config
+    if (
+        spec is not None
+        and spec.method == "suffix"
+        and not importlib.util.find_spec("arctic_inference")
+    ):
+        raise EngineSetupError(
+            "--speculative-config method 'suffix' needs the arctic-inference package "
+            "(pip install 'codellama-serve[suffix]'; see README.md)"
+        )
 
 
 def _stats_logger_factory(sink: EngineStats) -> type[Any]:
@@ -202,6 +283,7 @@ def _stats_logger_factory(sink: EngineStats) -> type[Any]:
                 cache = scheduler_stats.prefix_cache_stats
                 sink.prefix_cache_queries += cache.queries
                 sink.prefix_cache_hits += cache.hits
+                sink.add_spec_decode(scheduler_stats.spec_decoding_stats)
                 sink.updated_at = time.monotonic()
             if iteration_stats is not None:
                 sink.preemptions += iteration_stats.num_preempted_reqs
@@ -253,6 +335,7 @@ class Engine:
         from engine.demo_model import ensure_demo_model
 
         settings = self.settings
+        check_setup(settings)
         name = settings.model
         path = str(ensure_demo_model()) if settings.is_demo else name
         args = engine_args(settings, path)
@@ -264,6 +347,11 @@ class Engine:
             stat_loggers=[_stats_logger_factory(self.stats)],
         )
         self._tokenizer = self._llm.get_tokenizer()
+        speculative = self._llm.vllm_config.speculative_config
+        if speculative is not None:
+            # Exported from the start, zeros included: one series per proposed position.
+            positions = [0] * speculative.num_speculative_tokens
+            self.stats.spec_decode = SpecDecodeStats(accepted_per_position=positions)
         model_config = self._llm.vllm_config.model_config
         hf = model_config.hf_config
         self.info = ModelInfo(
@@ -356,6 +444,27 @@ class Engine:
         if self._llm is not None:
             await self._llm.abort(request_id)
 
+    def check_constraint(self, constraint: OutputConstraint) -> None:
+        """Raise EngineRequestError, saying what is wrong, if the engine cannot follow
+        `constraint`: vLLM's own check (the one its input processor runs), made before
+        the request is admitted."""
+        from vllm.exceptions import VLLMClientError
+        from vllm.sampling_params import SamplingParams
+
+        if not self.ready:
+            raise EngineNotReadyError("the engine is still loading")
+        llm = self._llm
+        try:
+            params = SamplingParams(max_tokens=1, structured_outputs=_structured(constraint))
+            params.verify(
+                llm.model_config,
+                llm.vllm_config.speculative_config,
+                llm.vllm_config.structured_outputs_config,
+                self._tokenizer,
+            )
+        except (VLLMClientError, ValueError, TypeError) as e:
+            raise EngineRequestError(_with_cause(e)) from e
+
     def _sampling_params(self, o: SamplingOptions) -> Any:
         from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind, SamplingParams
@@ -380,6 +489,7 @@ class Engine:
                 logprobs=o.logprobs,
                 prompt_logprobs=o.prompt_logprobs,
                 skip_special_tokens=o.skip_special_tokens,
+                structured_outputs=_structured(o.constraint) if o.constraint else None,
                 # Each step yields only what is new (streaming stays O(tokens));
                 # a non-streamed request gets its one final output.
                 output_kind=RequestOutputKind.DELTA if o.stream else RequestOutputKind.FINAL_ONLY,
@@ -418,6 +528,28 @@ class Engine:
             logprob=chosen.logprob if chosen else float("-inf"),
             top=top,
         )
+
+
+def _structured(constraint: OutputConstraint) -> Any:
+    from vllm.sampling_params import StructuredOutputsParams
+
+    return StructuredOutputsParams(**{constraint.kind: constraint.value})
+
+
+# xgrammar prefixes its errors with a time and its C++ source location:
+# "[09:46:02] /project/cpp/regex_converter.cc:83: Regex parsing error at ...".
+_NATIVE_PREFIX = re.compile(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ")
+
+
+def _with_cause(error: BaseException) -> str:
+    """vLLM's message, with the grammar library's own reason where vLLM hides it
+    ("Invalid grammar specification." says nothing of which rule is wrong), and
+    without the library's time stamps and source paths."""
+    message = str(error)
+    cause = error.__cause__
+    if cause is not None and str(cause) and str(cause) not in message:
+        message = f"{message.rstrip('.')}: {cause}"
+    return " ".join(_NATIVE_PREFIX.sub("", message).split())
 
 
 def _timing(out: Any) -> dict[str, float]:

@@ -7,8 +7,9 @@ not pushed on every engine step.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import (
     CollectorRegistry,
@@ -46,6 +47,19 @@ E2E_BUCKETS = (
 TOKEN_BUCKETS = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 
+class SpecDecodeTotals(Protocol):
+    """Speculative decoding's running totals (engine.llm.SpecDecodeStats)."""
+
+    @property
+    def drafts(self) -> int: ...
+    @property
+    def draft_tokens(self) -> int: ...
+    @property
+    def accepted_tokens(self) -> int: ...
+    @property
+    def accepted_per_position(self) -> Sequence[int]: ...
+
+
 @dataclass(slots=True)
 class EngineGauges:
     """Where the scrape-time series read from (callables, so nothing is pushed)."""
@@ -59,6 +73,8 @@ class EngineGauges:
     prefix_cache_queries: Callable[[], float] = lambda: 0.0
     prefix_cache_hits: Callable[[], float] = lambda: 0.0
     preemptions: Callable[[], float] = lambda: 0.0
+    # None while speculative decoding is off (then no spec_decode series exist).
+    spec_decode: Callable[[], SpecDecodeTotals | None] = lambda: None
 
 
 class _EngineCounters(Collector):
@@ -76,6 +92,38 @@ class _EngineCounters(Collector):
             ("preemptions", "Sequences the engine preempted (KV cache full).", e.preemptions),
         ):  # fmt: skip
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=read())
+
+
+class _SpecDecodeCounters(Collector):
+    """Speculative decoding's acceptance, with vLLM's names under our prefix.
+
+    Acceptance rate = accepted_tokens / draft_tokens; mean acceptance length =
+    1 + accepted_tokens / drafts; position i's acceptance rate =
+    accepted_tokens_per_pos{position="i"} / drafts.
+    """
+
+    def __init__(self, engine: EngineGauges) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        totals = self.engine.spec_decode()
+        if totals is None:
+            return
+        p = f"{PREFIX}_spec_decode"
+        for name, doc, value in (
+            ("num_drafts", "Speculative proposals (one per sequence and step).", totals.drafts),
+            ("num_draft_tokens", "Tokens proposed by the speculator.", totals.draft_tokens),
+            ("num_accepted_tokens", "Proposed tokens the model accepted.", totals.accepted_tokens),
+        ):  # fmt: skip
+            yield CounterMetricFamily(f"{p}_{name}", doc, value=value)
+        per_position = CounterMetricFamily(
+            f"{p}_num_accepted_tokens_per_pos",
+            "Proposed tokens accepted, by position in the proposal (0: the first).",
+            labels=["position"],
+        )
+        for position, accepted in enumerate(totals.accepted_per_position):
+            per_position.add_metric([str(position)], accepted)
+        yield per_position
 
 
 class Metrics:
@@ -157,6 +205,7 @@ class Metrics:
         self._gauge(f"{p}_engine_healthy", "1 while the engine process is alive.", engine.healthy)
         self._gauge(f"{p}_ready", "1 while the server accepts requests.", engine.ready)
         r.register(_EngineCounters(engine))
+        r.register(_SpecDecodeCounters(engine))
         self.info = Gauge(f"{p}_model_info", "The served model.", ["model"], registry=r)
         self._model_name = model_name
 

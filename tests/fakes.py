@@ -15,6 +15,7 @@ from engine.llm import (
     EngineDeadError,
     EngineStats,
     ModelInfo,
+    OutputConstraint,
     SamplingOptions,
     SequenceDelta,
     StepOutput,
@@ -95,6 +96,9 @@ class FakeEngine:
 
     async def abort(self, request_id: str) -> None:
         self.aborted.add(request_id)
+
+    def check_constraint(self, constraint: OutputConstraint) -> None:
+        """A fake has no grammar engine: it takes any constraint (and ignores it)."""
 
 
 def _seq(index: int, text: str, ids: list[int], reason: str | None) -> SequenceDelta:

@@ -176,7 +176,9 @@ def server_trial(
     rnd: int,
     pin: str | None = None,
     priority: int | None = None,
+    extra_args: Sequence[str] = (),
 ) -> Trial:
+    """One harness run against `target`; `extra_args` go to `bench run` (e.g. --temperature)."""
     report_dir = out / f"{cfg.name}-{target.name}-{rnd}"
     cmd = harness_command(
         "run", "--base-url", target.url,
@@ -185,7 +187,7 @@ def server_trial(
         "--set", "dataset.shuffle=false", "--max-tokens", str(cfg.output_tokens), "--ignore-eos",
         "--stream" if cfg.stream else "--no-stream", "--warmup", "0", "--no-progress",
         "--no-plots", "--no-server-metrics", "--token-check", "never", "--quiet",
-        "--out", str(report_dir),
+        "--out", str(report_dir), *extra_args,
     )  # fmt: skip
     if priority is not None:  # SCHED_FIFO: the client gets a CPU when it has work
         cmd += ["--client-priority", str(priority)]

@@ -4,6 +4,7 @@ OpenAI-compatible target, the request body, and a client that fills each request
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,7 @@ class Target:
     model: str | None = None
     metrics_url: str | None = None
     name: str = ""
+    api_key_label: str | None = None  # how reports name the key (default: a short hash)
 
     @property
     def root(self) -> str:
@@ -49,6 +51,16 @@ class Target:
     @property
     def prometheus_url(self) -> str:
         return self.metrics_url or self.root + "/metrics"
+
+    @property
+    def key_label(self) -> str | None:
+        """The API key as reports name it: its label, or a hash prefix (never the key)."""
+        if self.api_key_label or not self.api_key:
+            return self.api_key_label
+        return "key-" + hashlib.sha256(self.api_key.encode()).hexdigest()[:8]
+
+
+REPLICA_HEADER = "x-codellama-replica"
 
 
 async def discover_model(http: Transport, target: Target) -> str:
@@ -84,6 +96,8 @@ def build_payload(
         body["ignore_eos"] = True
     if opts.temperature is not None:
         body["temperature"] = opts.temperature
+    if item.stop is not None:
+        body["stop"] = list(item.stop)
     body.update(opts.extra_body)
     return path, body
 
@@ -108,6 +122,7 @@ class OpenAIClient:
     async def send(self, item: RequestItem, rec: RequestRecord) -> RequestRecord:
         path, body = build_payload(item, self.model, self.opts)
         rec.max_tokens = body.get("max_tokens")
+        rec.target, rec.api_key = self.target.label, self.target.key_label
         if rec.expected_prompt_tokens is None:
             rec.expected_prompt_tokens = item.input_tokens
         content = orjson.dumps(body)
@@ -120,6 +135,7 @@ class OpenAIClient:
                 async with self.http.post(url, content, trace) as resp:
                     rec.first_byte = now() - t0
                     rec.status = resp.status
+                    rec.replica = resp.header(REPLICA_HEADER)
                     if resp.status != 200:
                         msg = error_message(await resp.read())
                         fail(rec, f"HTTP {resp.status}: {msg}", t0)
@@ -133,16 +149,28 @@ class OpenAIClient:
         except self.http.errors as e:
             fail(rec, f"{type(e).__name__}: {e}".rstrip(": "), t0)
         except asyncio.CancelledError:
-            fail(rec, "cancelled (run interrupted)", t0)
+            if rec.cancelled:  # the caller gave up on it (an editor's keystroke): not a failure
+                rec.finished = now() - t0
+            else:
+                fail(rec, "cancelled (run interrupted)", t0)
             raise
         except Exception as e:  # a bad frame must fail the request, not the run
             fail(rec, f"{type(e).__name__}: {e}", t0)
         return rec
 
     async def _read_stream(self, resp: TransportResponse, rec: RequestRecord) -> None:
+        texts: list[str] = []
+        try:
+            await self._read_events(resp, rec, texts)
+        finally:  # a stream cut short (cancelled) keeps the text it had
+            if not rec.text:
+                rec.text = "".join(texts)
+
+    async def _read_events(
+        self, resp: TransportResponse, rec: RequestRecord, texts: list[str]
+    ) -> None:
         t0 = self.t0
         parser = SSEParser()
-        texts: list[str] = []
         done = False
         async for raw in resp.chunks():
             t = now() - t0  # every event in this network read arrived now

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.harness.profile.schema import DatasetSpec, LengthDist
+from benchmarks.harness.profile.schema import SESSION_DATASETS, DatasetSpec, LengthDist
 from benchmarks.harness.profile.traces import TraceEntry
 
 CHAT_TEMPLATE = "Complete this Python function:\n\n```python\n{prompt}```"
@@ -32,6 +32,8 @@ class RequestItem:
     max_tokens: int | None = None  # overrides the profile's max_tokens
     input_tokens: int | None = None  # as built (synthetic), for the report
     reference: str | None = None  # infill: the removed middle
+    stop: tuple[str, ...] | None = None  # sent as `stop`
+    task: str | None = None  # HumanEval task id: its tests score the output (quality)
 
     @property
     def is_chat(self) -> bool:
@@ -68,7 +70,10 @@ def humaneval_problems() -> list[dict[str, str]]:
 
 
 def humaneval_items() -> list[RequestItem]:
-    return [RequestItem(p["task_id"], prompt=p["prompt"]) for p in humaneval_problems()]
+    return [
+        RequestItem(p["task_id"], prompt=p["prompt"], task=p["task_id"])
+        for p in humaneval_problems()
+    ]
 
 
 def chat_items(system: str | None = None) -> list[RequestItem]:
@@ -76,7 +81,7 @@ def chat_items(system: str | None = None) -> list[RequestItem]:
     for p in humaneval_problems():
         msgs = [{"role": "system", "content": system}] if system else []
         msgs.append({"role": "user", "content": CHAT_TEMPLATE.format(prompt=p["prompt"])})
-        out.append(RequestItem(p["task_id"], messages=tuple(msgs)))
+        out.append(RequestItem(p["task_id"], messages=tuple(msgs), task=p["task_id"]))
     return out
 
 
@@ -248,6 +253,39 @@ def trace_items(
 def build_items(spec: DatasetSpec, seed: int, tokenizer_loader: Any) -> list[RequestItem]:
     """The dataset's items, in a seeded order, with per-item output lengths if asked."""
     rng = np.random.default_rng(seed)
+    items = _items_of(spec, seed, tokenizer_loader, rng)
+    if spec.limit:
+        items = items[: spec.limit]
+    if spec.repeat > 1:  # n samples of each (pass@k): the same request, told apart by #k
+        items = [replace(it, id=f"{it.id}#{k}") for it in items for k in range(spec.repeat)]
+    if spec.shuffle:
+        items = [items[i] for i in rng.permutation(len(items))]
+    if spec.output_tokens is not None:
+        lengths = spec.output_tokens.sample(rng, len(items))
+        items = [replace(it, max_tokens=int(n)) for it, n in zip(items, lengths, strict=True)]
+    if spec.stop is not None:
+        items = [replace(it, stop=tuple(spec.stop)) for it in items]
+    return items
+
+
+def _items_of(
+    spec: DatasetSpec, seed: int, tokenizer_loader: Any, rng: np.random.Generator
+) -> list[RequestItem]:
+    if spec.type == "mix":  # each part built (and limited, repeated, stopped) on its own
+        parts = spec.parts or []
+        return [
+            it for k, p in enumerate(parts) for it in build_items(p, seed + k, tokenizer_loader)
+        ]
+    if spec.type in SESSION_DATASETS:
+        raise ValueError(
+            f"dataset {spec.type} is made while its sessions run (load type sessions): "
+            "it has no fixed list of requests"
+        )
+    if spec.type == "shared-prefix":
+        from benchmarks.harness.shared_prefix import shared_prefix_items
+
+        assert spec.shared_prefix is not None
+        return shared_prefix_items(spec.shared_prefix, tokenizer_loader(), rng)
     if spec.type == "humaneval":
         items = humaneval_items()
     elif spec.type == "infill":
@@ -259,24 +297,7 @@ def build_items(spec: DatasetSpec, seed: int, tokenizer_loader: Any) -> list[Req
     else:
         assert spec.path is not None
         items = jsonl_items(spec.path)
-    if spec.limit:
-        items = items[: spec.limit]
-    if spec.shuffle:
-        items = [items[i] for i in rng.permutation(len(items))]
-    if spec.output_tokens is not None:
-        lengths = spec.output_tokens.sample(rng, len(items))
-        items = [replace(it, max_tokens=int(n)) for it, n in zip(items, lengths, strict=True)]
     return items
-
-
-# Datasets built to share prefixes (sessions that grow, a common system prompt): their
-# requests are never salted (salt.py), since the sharing is what they measure.
-SHARED_PREFIX_DATASETS = frozenset({"editor", "shared-prefix", "chat-sessions"})
-
-
-def shares_prefixes(spec: DatasetSpec) -> bool:
-    """Whether this dataset's requests share prefixes on purpose."""
-    return spec.type in SHARED_PREFIX_DATASETS or bool(getattr(spec, "shares_prefixes", False))
 
 
 def length_fitter(tokenizer: Any, seed: int) -> Any:

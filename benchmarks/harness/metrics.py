@@ -169,6 +169,10 @@ def summarize(
     slo = slo or SLO()
     th = thresholds or Thresholds()
     everything = all_records if all_records is not None else records
+    # Requests the client cancelled on purpose (editor keystrokes) are neither
+    # completions nor failures: counted apart, out of the latency figures.
+    sent = records
+    records = [r for r in sent if not r.cancelled]
     a, b = window
     duration = max(b - a, 1e-9)
     ok = [r for r in records if r.ok]
@@ -203,6 +207,7 @@ def summarize(
 
     # Ours: accounting, the load actually applied, and whether to trust it.
     s["requests"] = len(records)
+    s["cancelled"] = len(sent) - len(records)
     s["good_requests"] = good
     s["slo"] = slo.model_dump(exclude_none=True) or None
     s["goodput_from"] = ("schedule" if open_loop else "start") if slo.any else None
@@ -210,7 +215,9 @@ def summarize(
     s["streamed_without_tokens"] = sum(1 for r in ok if not r.token_times and r.chunks > 1)
     s |= token_accounting(ok)
     s["prompt_check"] = prompt_check(ok)
-    s["load"] = load_stats(records, open_loop, th, percentiles, offered)
+    # The load applied counts every request sent, cancelled ones too: their
+    # connection waits and schedule lag are the client's all the same.
+    s["load"] = load_stats(sent, open_loop, th, percentiles, offered)
     s["latency_breakdown"] = latency_breakdown(records, percentiles)
     return s
 

@@ -23,6 +23,7 @@ from benchmarks.harness.profile.schema import (
     TraceLoad,
 )
 from benchmarks.harness.profile.traces import TraceEntry, trace_schedule
+from benchmarks.harness.profile.workloads import SessionsLoad
 
 
 @dataclass
@@ -81,6 +82,8 @@ def peak_concurrency(p: Profile) -> int | None:
         return load.concurrency
     if isinstance(load, StepsLoad) and load.closed:
         return max(s.concurrency or 1 for s in load.steps)
+    if isinstance(load, SessionsLoad):  # at most one request in flight per session
+        return load.sessions
     cap: int | None = getattr(load, "max_concurrency", None)
     return cap
 
@@ -114,6 +117,8 @@ def describe_load(p: Profile) -> str:
         text += f" over {load.duration_s:g} s"
     elif isinstance(load, SweepLoad):
         text = f"sweep of open-loop rates {', '.join(f'{r:g}' for r in load.rate_list())} req/s"
+    elif isinstance(load, SessionsLoad):
+        text = f"{load.sessions} {p.dataset.type} sessions, started over {load.stagger_s:g} s"
     else:
         text = f"trace {load.path.name} replayed (time × {load.time_scale:g})"
     if isinstance(load, OpenLoopFields) and load.arrival == "gamma":
@@ -123,7 +128,7 @@ def describe_load(p: Profile) -> str:
         text += f", at most {cap} in flight"
     bounds = [f"{p.num_requests} requests"] if p.num_requests else []
     bounds += [f"{p.duration_s:g} s"] if p.duration_s else []
-    if bounds and isinstance(load, ConcurrentLoad | RateLoad):
+    if bounds and isinstance(load, ConcurrentLoad | RateLoad | SessionsLoad):
         text += (
             f", {' or '.join(bounds)} (whichever ends first)"
             if len(bounds) > 1

@@ -41,10 +41,18 @@ class RequestRecord:
     worker: int = 0  # the load-generator process that sent it (--workers)
     finish_reason: str | None = None
     text: str = ""
+    # Who sent it and who answered: for splitting one run's requests (by key, by replica).
+    target: str = ""  # the target's label
+    api_key: str | None = None  # the key's label (never the key itself)
+    replica: str | None = None  # the response's X-Codellama-Replica header
+    session: str | None = None  # editor / chat sessions: which one sent it
+    # Given up on purpose by the client (an editor's next keystroke closes the
+    # connection): neither a completion nor a failure.
+    cancelled: bool = False
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.finished is not None
+        return self.error is None and self.finished is not None and not self.cancelled
 
     @property
     def start(self) -> float | None:

@@ -27,7 +27,6 @@ from benchmarks.harness.datasets import (
     cycle,
     length_fitter,
     load_tokenizer,
-    shares_prefixes,
     trace_items,
 )
 from benchmarks.harness.metrics import loop_lag_stats, summarize
@@ -35,14 +34,18 @@ from benchmarks.harness.phases import Phase, PhaseRunner
 from benchmarks.harness.plans import peak_concurrency, single_plan, sweep_step
 from benchmarks.harness.profile.schema import Profile, SweepLoad, TraceLoad
 from benchmarks.harness.profile.traces import TraceEntry, read_trace
+from benchmarks.harness.profile.workloads import SessionsLoad
 from benchmarks.harness.progress import Progress
+from benchmarks.harness.quality.section import quality_section
 from benchmarks.harness.records import RequestRecord, now, retokenize
 from benchmarks.harness.results import RunResult, StepResult, WarmupFailed
 from benchmarks.harness.salt import SaltedStream
 from benchmarks.harness.server_metrics import ServerMetricsRecorder, deltas, gauge_stats
+from benchmarks.harness.session_phase import SessionWorkload, run_sessions
 from benchmarks.harness.sweeps import saturation_reason, sweep_summary
 from benchmarks.harness.transport import HttpLibrary, Transport, make_transport
-from benchmarks.harness.workers import WorkerPool, WorkerSetup
+from benchmarks.harness.workers import WorkerPool, WorkerSetup, workers_refused
+from benchmarks.harness.workload_sections import build_session_workload, workload_sections
 
 
 class Runner:
@@ -60,6 +63,8 @@ class Runner:
         log: Callable[[str], None] | None = None,
         workers: int = 1,
     ) -> None:
+        if refused := workers_refused(profile.load, workers):
+            raise ValueError(refused)
         self.loop_lag_interval_s = loop_lag_interval_s
         self.workers = workers
         self.profile = profile
@@ -71,6 +76,7 @@ class Runner:
         self.token_check = token_check
         self.log = log or (lambda _msg: None)
         self._tokenizer: Any = None
+        self.workload: SessionWorkload | None = None  # a `sessions` load's users
 
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
@@ -105,6 +111,7 @@ class Runner:
             stream = self._salted(iter(items) if trace is not None else cycle(items), items)
             pool = await self._start_workers(model, conc)
             phases, steps, sweep, client_cpu = await self._measure(stream, trace, pool)
+            quality = await self._quality(phases.records, items)
         finally:
             if pool is not None:
                 pool.close()
@@ -138,9 +145,12 @@ class Runner:
             client_cpu["parent_cpu_s"] = client_cpu["cpu_s"]
             client_cpu["cpu_s"] += sum(pool.cpu_s)
             client_cpu["cpu_utilization"] = client_cpu["cpu_s"] / max(client_cpu["wall_s"], 1e-9)
-        result.prompts = prompts_report(stream, shares_prefixes(p.dataset), len(phases.records))
+        result.prompts = prompts_report(stream, p, len(phases.records), self.workload is not None)
         result.cache_reset = cache_reset
         self._overall(result, phases.phases)
+        result.sections = workload_sections(result, self.workload)
+        if quality is not None:
+            result.sections["quality"] = quality
         result.warnings = collect_warnings(result, metrics_ok, self.recorder.error)
         return result
 
@@ -183,6 +193,8 @@ class Runner:
         try:
             if isinstance(p.load, SweepLoad):
                 steps, sweep = await self._sweep(phases, p.load, items)
+            elif self.workload is not None:
+                steps = await run_sessions(phases, self.workload)
             else:
                 steps = await phases.run(single_plan(p, trace), items, 0)
         finally:
@@ -217,13 +229,16 @@ class Runner:
     def _salted(self, items: Iterator[RequestItem], built: list[RequestItem]) -> SaltedStream:
         """Each request's prompt made unique (salt.py), unless the profile shares on purpose."""
         p = self.profile
-        enabled = p.dataset.salt and not shares_prefixes(p.dataset)
+        enabled = unsalted_because(p) is None
         exact = any(it.input_tokens is not None for it in built)
         fit = length_fitter(self.tokenizer(), p.seed) if enabled and exact else None
         return SaltedStream(items, enabled, fit)
 
     def _items(self) -> tuple[list[RequestItem], list[TraceEntry] | None]:
         p = self.profile
+        if isinstance(p.load, SessionsLoad):
+            self.workload = build_session_workload(p, self.tokenizer(), keep_items=bool(p.quality))
+            return self.workload.warmup_items(max(1, p.warmup_requests)), None
         if isinstance(p.load, TraceLoad):
             entries = read_trace(p.load.path)
             return trace_items(entries, self.tokenizer, np.random.default_rng(p.seed)), entries
@@ -237,11 +252,27 @@ class Runner:
             self.client.t0 = now()
             await self.client.send(item, rec)
             out.append({"item": item.id, "ok": rec.ok, "status": rec.status, "error": rec.error})
-        if out and not any(w["ok"] for w in out):
+        # Sessions go on: their report says how their requests fail (e.g. no `suffix`).
+        if out and not any(w["ok"] for w in out) and self.workload is None:
             raise WarmupFailed(
                 f"every warm-up request to {self.target.api} failed; first error: {out[0]['error']}"
             )
         return out
+
+    async def _quality(
+        self, records: list[RequestRecord], items: list[RequestItem]
+    ) -> dict[str, Any] | None:
+        """Score the outputs, if the profile asks (equivalence resends prompts alone)."""
+        if self.profile.quality is None:
+            return None
+        by_id = {it.id: it for it in items}
+        workload = self.workload
+
+        def item_of(rec: RequestRecord) -> RequestItem | None:
+            return workload.item_of(rec) if workload is not None else by_id.get(rec.item_id)
+
+        self.log("scoring outputs (quality)")
+        return await quality_section(self.client, records, item_of, self.profile, self.log)
 
     def _check_tokens(self, records: list[RequestRecord]) -> None:
         """Re-tokenize generated text: the fallback count, and a check on `usage`."""
@@ -293,12 +324,32 @@ def scheduling_policy() -> str:
     return "normal"
 
 
-def prompts_report(stream: SaltedStream, shares: bool, sent: int) -> dict[str, Any]:
+def unsalted_because(p: Profile) -> str | None:
+    """Why this run's prompts go unsalted (None: each request is salted)."""
+    spec = p.dataset
+    if spec.shares_prefixes:
+        return "the dataset shares prefixes on purpose"
+    if any(d.repeat > 1 for d in (spec, *(spec.parts or ()))):
+        return "the dataset repeats each item on purpose (`repeat`)"
+    if p.quality is not None:
+        return "the profile scores quality: prompts go as the benchmark wrote them"
+    if not spec.salt:
+        return "`dataset.salt: false`"
+    return None
+
+
+def prompts_report(stream: SaltedStream, p: Profile, sent: int, sessions: bool) -> dict[str, Any]:
     """Salting and distinct prompts, over the requests the run sent (workers may have
     been handed a few they never sent)."""
-    out = stream.report(shares)
-    out["distinct_prompts"] = min(out["distinct_prompts"], sent)
+    why = unsalted_because(p)
+    # Planned sharing: the cache answering part of these prompts is what the run measures.
+    planned = why is not None and why != "`dataset.salt: false`"
+    out = stream.report(planned, why)
     out["requests"] = sent
+    if sessions:  # built as the sessions ran, not drawn from the stream: not counted
+        out["distinct_prompts"] = out["repeated"] = None
+        return out
+    out["distinct_prompts"] = min(out["distinct_prompts"], sent)
     out["repeated"] = sent - out["distinct_prompts"]
     return out
 

@@ -6,8 +6,12 @@ trial of the same seed measures the cache, not the server (vLLM measured up to 8
 inflation this way, vllm #52884). Each request's prompt therefore starts with a line of
 its own, `# <run nonce>-<request number>`: it changes the first block the cache hashes,
 so nothing after it can hit either. The nonce is random per run, so trials do not share
-blocks. Datasets that share prefixes on purpose (editor sessions, shared-prefix,
-chat-sessions) keep their sharing, and `dataset.salt: false` turns salting off.
+blocks. Prompts are sent as they are when the run repeats them on purpose
+(`unsalted_because` says why): datasets that share prefixes by design (editor
+sessions, shared-prefix, chat-sessions: `DatasetSpec.shares_prefixes`), a dataset
+that asks for repeats (`repeat` > 1: samples for pass@k), a profile that scores
+quality (its scores are of the benchmark's own prompts, and the equivalence check
+resends the very prompt), and `dataset.salt: false`.
 
 Prompts of an exact token length (synthetic, trace rows with `input_tokens`) keep their
 length: the salted text is trimmed back to it with the tokenizer.
@@ -77,13 +81,15 @@ class SaltedStream:
         self._seen.add(hash(_key(item)))
         return item
 
-    def report(self, shares_prefixes: bool) -> dict[str, Any]:
-        """What the report says about the prompts' uniqueness."""
+    def report(self, shares_prefixes: bool, unsalted_because: str | None = None) -> dict[str, Any]:
+        """What the report says about the prompts' uniqueness; `shares_prefixes`: the run
+        repeats prompts or prefixes by design (so the prefix cache may answer them)."""
         return {
             "salt": self.enabled,
             "salt_format": WHERE if self.enabled else None,
             "nonce": self.nonce if self.enabled else None,
             "shares_prefixes": shares_prefixes,
+            "unsalted_because": None if self.enabled else unsalted_because,
             "requests": self.sent,
             "distinct_prompts": len(self._seen),
             "repeated": self.sent - len(self._seen),

@@ -45,17 +45,26 @@ COUNTERS: dict[str, tuple[str, ...]] = {
         "vllm:generation_tokens_total",
     ),
     "aborted": ("codellama_serve_requests_aborted_total",),
-    "preemptions": ("codellama_serve_preemptions_total", "vllm:num_preemptions_total"),
+    "aborted_generation_tokens": ("codellama_serve_aborted_generation_tokens_total",),
     # Prompt tokens looked up in the prefix cache, and of them found there.
     "prefix_cache_queries": (
         "codellama_serve_prefix_cache_queries_total",
         "vllm:prefix_cache_queries_total",
+        "vllm:gpu_prefix_cache_queries_total",
     ),
     "prefix_cache_hits": (
         "codellama_serve_prefix_cache_hits_total",
         "vllm:prefix_cache_hits_total",
+        "vllm:gpu_prefix_cache_hits_total",
     ),
+    "preemptions": ("codellama_serve_preemptions_total", "vllm:num_preemptions_total"),
     "process_cpu_seconds": ("process_cpu_seconds_total",),
+}
+# Counters reported by label too: requests by status, aborts by reason.
+KEPT_LABELS: dict[str, tuple[str, ...]] = {
+    "requests": ("status",),
+    "aborted": ("reason",),
+    "aborted_generation_tokens": ("reason",),
 }
 HISTOGRAMS: dict[str, tuple[str, ...]] = {
     "ttft": ("codellama_serve_time_to_first_token_seconds", "vllm:time_to_first_token_seconds"),
@@ -163,7 +172,7 @@ def deltas(before: Snapshot | None, after: Snapshot | None) -> dict[str, Any]:
         name = _pick(after, cands)
         if name is None:
             continue
-        keep = ("status",) if key == "requests" else ()
+        keep = KEPT_LABELS.get(key, ())
         keep = ("finished_reason", *keep) if name.startswith("vllm:") else keep
         a, b = _sum(after, name, keep), _sum(before, name, keep)
         by = {k: a[k] - b.get(k, 0.0) for k in a}
@@ -299,3 +308,10 @@ def _scrape_errors(http: Transport) -> tuple[type[BaseException], ...]:
 
 
 _GAUGE_NAMES = tuple(n for names in GAUGES.values() for n in names)
+
+
+def prefix_cache_hit_rate(server: dict[str, Any]) -> float | None:
+    """Prompt tokens found in the prefix cache / looked up, over a scrape delta (None: unknown)."""
+    cache = server.get("prefix_cache") or prefix_cache(server.get("counters") or {})
+    rate = cache.get("hit_rate") if cache else None
+    return None if rate is None else float(rate)

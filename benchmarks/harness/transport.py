@@ -60,6 +60,7 @@ class ConnectionTrace:
 class TransportResponse(Protocol):
     status: int
 
+    def header(self, name: str) -> str | None: ...
     async def read(self) -> bytes: ...
     def chunks(self) -> AsyncIterator[bytes]: ...
 
@@ -112,6 +113,10 @@ class _AiohttpResponse:
     @property
     def status(self) -> int:
         return int(self.raw.status)
+
+    def header(self, name: str) -> str | None:
+        value = self.raw.headers.get(name)
+        return None if value is None else str(value)
 
     async def read(self) -> bytes:
         return bytes(await self.raw.read())
@@ -190,6 +195,10 @@ class _HttpxResponse:
     @property
     def status(self) -> int:
         return int(self.raw.status_code)
+
+    def header(self, name: str) -> str | None:
+        value = self.raw.headers.get(name)
+        return None if value is None else str(value)
 
     async def read(self) -> bytes:
         return bytes(await self.raw.aread())

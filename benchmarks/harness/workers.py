@@ -33,10 +33,23 @@ from benchmarks.harness.client_health import CPUMeter, GCFreezer, LoopLagMonitor
 from benchmarks.harness.datasets import RequestItem
 from benchmarks.harness.loops import ClosedLoop, run_open
 from benchmarks.harness.profile.schema import RequestOptions
+from benchmarks.harness.profile.workloads import SessionsLoad
 from benchmarks.harness.records import RequestRecord
 from benchmarks.harness.transport import HttpLibrary, make_transport
 
 START_TIMEOUT_S = 60.0
+
+
+def workers_refused(load: object, workers: int) -> str | None:
+    """Why `--workers N` cannot run this load (None: it can)."""
+    if workers > 1 and isinstance(load, SessionsLoad):
+        return (
+            f"--workers {workers} does not apply to a `sessions` load (editor, chat sessions): "
+            "each user's next request depends on the clock and on its earlier answers, so the "
+            "sessions run in the run's own process; run it without --workers (one process "
+            "sustains the measured `bench selftest` rate, and the report warns above it)"
+        )
+    return None
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from engine.api.orchestrator import serve_generation
 from engine.api.schemas import ChatCompletionRequest, CompletionRequest
 from engine.api.state import EngineLike, ServerState
 from engine.api.streaming import CLIENT_CLOSED
+from engine.api.tokenize import tokenizer_routes
 from engine.config import ResolvedSettings
 
 log = logging.getLogger("engine.api")
@@ -84,6 +85,7 @@ def create_app(
     app.add_middleware(RequestContextMiddleware, state=state)
 
     _openai_routes(app, state)
+    tokenizer_routes(app, state)
     _ops_routes(app, state)
     return app
 

@@ -51,9 +51,6 @@ def _top_k(req: ChatCompletionRequest) -> int | None:
 def _check_unsupported(req: ChatCompletionRequest) -> None:
     if req.tools:
         raise bad_request("tools are not supported by Code Llama Instruct", param="tools")
-    fmt = (req.response_format or {}).get("type", "text")
-    if fmt != "text":
-        raise bad_request(f"response_format '{fmt}' is not supported", param="response_format")
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("top_logprobs needs logprobs: true", param="top_logprobs")
 

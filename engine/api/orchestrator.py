@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from engine.api.auth import ANONYMOUS
+from engine.api.constraints import invalid, output_constraint
 from engine.api.disconnect import primed, unless_disconnected
 from engine.api.run import Run, Steps
 from engine.api.sampling import sampling_options
@@ -27,6 +28,7 @@ from engine.api.schemas import SamplingFields
 from engine.api.state import ServerState
 from engine.api.streaming import SSEResponse
 from engine.api.validation import check_context, check_model, check_serving
+from engine.llm import EngineRequestError, OutputConstraint
 
 RequestT = TypeVar("RequestT", bound=SamplingFields, contravariant=True)
 
@@ -68,9 +70,11 @@ def start_run(
     prompts = endpoint.prepare(state, req)
     for ids in prompts.token_ids:
         check_context(state, len(ids), prompts.max_tokens, prompts.context_param)
+    constraint = checked_constraint(state, req)
     options = sampling_options(
         req, prompts.max_tokens, stop_token_ids=prompts.stop_token_ids,
         logprobs=prompts.logprobs, prompt_logprobs=prompts.prompt_logprobs,
+        constraint=constraint,
     )  # fmt: skip
     key = getattr(request.state, "api_key", ANONYMOUS)
     sequences = len(prompts.token_ids) * options.n
@@ -79,6 +83,20 @@ def start_run(
     run = Run(state, endpoint.name, request_id, prompts.token_ids, options, ticket)
     request.state.run = run  # for the access log
     return run, prompts
+
+
+def checked_constraint(state: ServerState, req: SamplingFields) -> OutputConstraint | None:
+    """The request's structured-output constraint, checked by the engine's own rules
+    before admission (an invalid one is a 400 naming the field, never an engine error)."""
+    found = output_constraint(req)
+    if found is None:
+        return None
+    constraint, param = found
+    try:
+        state.engine.check_constraint(constraint)
+    except EngineRequestError as e:
+        raise invalid(str(e), param) from None
+    return constraint
 
 
 async def serve_generation(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from engine.api.schemas import SamplingFields
-from engine.llm import SamplingOptions
+from engine.llm import OutputConstraint, SamplingOptions
 
 
 def sampling_options(
@@ -13,6 +13,7 @@ def sampling_options(
     stop_token_ids: list[int],
     logprobs: int | None,
     prompt_logprobs: int | None,
+    constraint: OutputConstraint | None = None,
 ) -> SamplingOptions:
     return SamplingOptions(
         max_tokens=max_tokens,
@@ -34,6 +35,7 @@ def sampling_options(
         prompt_logprobs=prompt_logprobs,
         skip_special_tokens=req.skip_special_tokens,
         stream=req.stream,
+        constraint=constraint,
     )
 
 

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
+from engine.api.constraints import StructuredOutputFields
+
 # Strict numbers: "1" is not a number and true is not 1.
 Int = Annotated[int, Field(strict=True)]
 Float = Annotated[float, Field(allow_inf_nan=False)]
@@ -25,8 +27,8 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
-class SamplingFields(BaseModel):
-    """Fields shared by completions and chat completions."""
+class SamplingFields(StructuredOutputFields):
+    """Fields shared by completions and chat completions (structured outputs included)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -137,7 +139,6 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Int | None = Field(None, ge=0)
     tools: list[Any] | None = None
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
 
     @property
     def requested_max_tokens(self) -> int | None:

@@ -11,7 +11,7 @@ from engine.api.admission import Admission
 from engine.api.auth import KeyStore
 from engine.codellama import Capabilities, CodeLlamaPrompts, capabilities
 from engine.config import ResolvedSettings
-from engine.llm import EngineStats, ModelInfo, SamplingOptions, StepOutput
+from engine.llm import EngineStats, ModelInfo, OutputConstraint, SamplingOptions, StepOutput
 from engine.metrics import EngineGauges, Metrics
 
 
@@ -35,6 +35,7 @@ class EngineLike(Protocol):
         self, request_id: str, prompt_token_ids: list[int], options: SamplingOptions
     ) -> Any: ...
     async def abort(self, request_id: str) -> None: ...
+    def check_constraint(self, constraint: OutputConstraint) -> None: ...
 
 
 @dataclass
@@ -66,6 +67,7 @@ class ServerState:
                 prefix_cache_queries=lambda: e.stats.prefix_cache_queries,
                 prefix_cache_hits=lambda: e.stats.prefix_cache_hits,
                 preemptions=lambda: e.stats.preemptions,
+                spec_decode=lambda: e.stats.spec_decode,
             ),
             model_name=lambda: e.info.served_name if e.info else "",
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from engine.config import resolve
 from engine.ray_config import placement
 
 from .chart import NAMESPACE, one, ray_cases, render, settings_of, values_of
@@ -55,7 +56,7 @@ def test_ray_autoscaler_fits_one_replica_per_worker_pod(helm: str, case: str) ->
         s.ray.max_replicas,
     )
     gpu = values_of(case)["gpu"]["enabled"]
-    bundles = placement(s, gpu=gpu)["placement_group_bundles"]
+    bundles = placement(resolve(s, gpu=gpu, mode="ray"))["placement_group_bundles"]
     need: dict[str, float] = {}
     for bundle in bundles:
         for k, v in bundle.items():

@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
+from types import SimpleNamespace
 
 import promql_parser
 import pytest
@@ -38,7 +39,13 @@ def exported_series() -> dict[str, frozenset[str]]:
 
     from engine.metrics import EngineGauges, Metrics
 
-    gauges = EngineGauges(**{f.name: (lambda: 0.0) for f in dataclasses.fields(EngineGauges)})
+    gauges = EngineGauges(
+        **{f.name: (lambda: 0.0) for f in dataclasses.fields(EngineGauges)},
+    )
+    # Speculative decoding on, so its series are among those a query may read.
+    gauges.spec_decode = lambda: SimpleNamespace(
+        drafts=0, draft_tokens=0, accepted_tokens=0, accepted_per_position=[0]
+    )
     metrics = Metrics(gauges, model_name=lambda: "model")
     for value in vars(metrics).values():
         # A labelled metric shows its series once a child exists.

@@ -64,6 +64,13 @@ def test_keys(hardened):
     assert mine[0]["completion_tokens"] == 2 and "ttft_ms" in mine[0]
 
 
+def test_tokenizer_endpoints_need_a_key(hardened):
+    for path, body in (("/tokenize", {"prompt": "x"}), ("/detokenize", {"tokens": [1, 2]})):
+        r = httpx.post(hardened.base_url + path, json=body)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.post(hardened.base_url + path, json=body, headers=auth()).status_code == 200
+
+
 def test_requests_per_minute(hardened):
     url = hardened.base_url + "/v1/completions"
     codes = [
@@ -135,9 +142,10 @@ async def test_fifty_streams_that_disconnect_leave_the_engine_idle(server):
     started = time.monotonic()
     wait_idle(server, 2)
     print(f"engine idle {time.monotonic() - started:.2f} s after 50 disconnects")
-    # Each disconnect is counted as an abort, with the tokens generated for it.
+    # Each disconnect is counted as an abort, with the tokens generated for it (each
+    # client read at least one token-bearing event before it left).
     assert _labelled(server, aborted) - before[0] == 50
-    assert _labelled(server, wasted) - before[1] >= 50 * 3
+    assert _labelled(server, wasted) - before[1] >= 50
 
 
 def _labelled(server, series: str) -> float:

@@ -22,6 +22,14 @@ from pydantic import (
     model_validator,
 )
 
+from benchmarks.harness.profile.workloads import (
+    ChatSessionsSpec,
+    EditorSpec,
+    QualitySpec,
+    SessionsLoad,
+    SharedPrefixSpec,
+)
+
 Arrival = Literal["constant", "poisson", "gamma"]
 
 
@@ -150,7 +158,7 @@ class TraceLoad(_Model):
 
 
 Load = Annotated[
-    ConcurrentLoad | RateLoad | StepsLoad | RampLoad | SweepLoad | TraceLoad,
+    ConcurrentLoad | RateLoad | StepsLoad | RampLoad | SweepLoad | TraceLoad | SessionsLoad,
     Field(discriminator="type"),
 ]
 
@@ -193,8 +201,23 @@ class LengthDist(_Model):
         return np.clip(np.rint(x), self.min, hi).astype(int)
 
 
+DatasetType = Literal[
+    "humaneval",
+    "infill",
+    "chat",
+    "synthetic",
+    "jsonl",
+    "editor",
+    "shared-prefix",
+    "chat-sessions",
+    "mix",
+]
+SESSION_DATASETS = ("editor", "chat-sessions")  # run by a `sessions` load
+PREFIX_SHARING_DATASETS = ("editor", "shared-prefix", "chat-sessions")
+
+
 class DatasetSpec(_Model):
-    type: Literal["humaneval", "infill", "chat", "synthetic", "jsonl"] = "humaneval"
+    type: DatasetType = "humaneval"
     path: Path | None = Field(None, description="jsonl: the file.")
     input_tokens: LengthDist | None = Field(None, description="synthetic: prompt lengths.")
     output_tokens: LengthDist | None = Field(
@@ -214,6 +237,14 @@ class DatasetSpec(_Model):
         "no two requests of a run, or of two runs, share a prefix-cache block. Datasets "
         "that share prefixes on purpose are never salted; false sends prompts as they are.",
     )
+    stop: list[str] | None = Field(None, description="`stop` of every request of this dataset.")
+    repeat: PositiveInt = Field(
+        1, description="Send each item this many times (n samples per problem, for pass@k)."
+    )
+    parts: list[DatasetSpec] | None = Field(None, description="mix: the datasets to mix.")
+    editor: EditorSpec | None = Field(None, description="editor: the sessions' settings.")
+    shared_prefix: SharedPrefixSpec | None = Field(None, description="shared-prefix: groups.")
+    chat_sessions: ChatSessionsSpec | None = Field(None, description="chat-sessions: turns.")
 
     @model_validator(mode="after")
     def _needs(self) -> DatasetSpec:
@@ -221,7 +252,33 @@ class DatasetSpec(_Model):
             raise ValueError("dataset type jsonl needs `path`")
         if self.type == "synthetic" and self.input_tokens is None:
             raise ValueError("dataset type synthetic needs `input_tokens`")
+        if self.type == "mix" and not self.parts:
+            raise ValueError("dataset type mix needs `parts`")
+        if self.parts and any(p.type in (*SESSION_DATASETS, "mix") for p in self.parts):
+            raise ValueError("a mix holds plain datasets (no sessions, no nested mix)")
+        # A section's defaults apply when its dataset type is chosen without it.
+        if self.type == "editor" and self.editor is None:
+            self.editor = EditorSpec()
+        if self.type == "shared-prefix" and self.shared_prefix is None:
+            self.shared_prefix = SharedPrefixSpec()
+        if self.type == "chat-sessions" and self.chat_sessions is None:
+            self.chat_sessions = ChatSessionsSpec()
         return self
+
+    @property
+    def shares_prefixes(self) -> bool:
+        """Its requests share prefixes on purpose: a per-request salt would defeat it."""
+        if self.type == "mix":
+            return any(p.shares_prefixes for p in self.parts or ())
+        return self.type in PREFIX_SHARING_DATASETS
+
+    @property
+    def is_chat(self) -> bool:
+        if self.type == "mix":
+            return all(p.is_chat for p in self.parts or ())
+        return self.type in ("chat", "chat-sessions") or bool(
+            self.type == "shared-prefix" and self.shared_prefix and self.shared_prefix.chat
+        )
 
 
 class RequestOptions(_Model):
@@ -291,6 +348,9 @@ class Profile(_Model):
     )
     scrape_interval_s: PositiveFloat = 1.0
     thresholds: Thresholds = Thresholds()
+    quality: QualitySpec | None = Field(
+        None, description="Score the outputs (FIM exact match, pass@k, equivalence)."
+    )
 
     @field_validator("percentiles")
     @classmethod
@@ -309,10 +369,18 @@ class Profile(_Model):
             self.load.step_duration_s or self.load.step_requests
         ):
             raise ValueError("a sweep needs step_duration_s or step_requests")
+        sessions = isinstance(self.load, SessionsLoad)
+        if sessions != (self.dataset.type in SESSION_DATASETS):
+            raise ValueError(
+                f"datasets {' and '.join(SESSION_DATASETS)} run with `load: {{type: sessions}}`, "
+                "and that load runs nothing else"
+            )
+        if sessions and not self.duration_s:
+            raise ValueError("load `sessions` needs duration_s")
         return self
 
     @property
     def endpoint(self) -> str:
         if self.request.endpoint:
             return self.request.endpoint
-        return "chat" if self.dataset.type == "chat" else "completions"
+        return "chat" if self.dataset.is_chat else "completions"

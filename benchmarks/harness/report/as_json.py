@@ -70,6 +70,7 @@ def run_to_json(
     out["client"] = result.client
     out["prompts"] = result.prompts
     out["prefix_cache_reset"] = result.cache_reset
+    out |= result.sections
     out["warmup"] = result.warmup
     out["warnings"] = result.warnings
     out["settings"] = p.model_dump(mode="json")

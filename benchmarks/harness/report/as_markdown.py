@@ -31,6 +31,8 @@ def _g(v: float | None) -> str:
 def _offered_text(offered: dict[str, Any]) -> str:
     if "concurrency" in offered:
         return f"closed loop, concurrency {offered['concurrency']}"
+    if "sessions" in offered:
+        return f"{offered['sessions']} sessions"
     if offered.get("offered_rate") is None:
         return "–"
     text = f"{offered['offered_rate']:.4g} req/s"
@@ -69,7 +71,9 @@ def throughput_table(s: dict[str, Any]) -> list[str]:
         "| Requests (ok / failed) | Duration (s) | Request/s | Output tok/s | Total tok/s "
         "| Goodput req/s |",
         "|---|---|---|---|---|---|",
-        f"| {s['requests']} ({s['completed']} / {s['failed']}) | {f(s['duration'], 2)} "
+        f"| {s['requests']} ({s['completed']} / {s['failed']})"
+        + (f" + {s['cancelled']} cancelled" if s.get("cancelled") else "")
+        + f" | {f(s['duration'], 2)} "
         f"| {f(s['request_throughput'], 2)} | {f(s['output_throughput'])} "
         f"| {f(s['total_token_throughput'])} | {f(s['request_goodput'], 2)} |",
         "",
@@ -204,6 +208,9 @@ def server_table(server: dict[str, Any]) -> list[str]:
         ("generation_tokens", "generated tokens"),
         ("prompt_tokens", "prompt tokens"),
         ("aborted", "requests aborted"),
+        ("aborted_generation_tokens", "tokens generated for aborted requests"),
+        ("prefix_cache_hits", "prefix-cache hits (tokens)"),
+        ("prefix_cache_queries", "prefix-cache queries (tokens)"),
         ("preemptions", "preemptions"),
         ("process_cpu_seconds", "server process CPU (s)"),
     ):
@@ -244,10 +251,10 @@ def prompts_line(result: RunResult) -> str:
         return ""
     if pr.get("salt"):
         how = f"salted: {pr['salt_format']} (run nonce `{pr['nonce']}`)"
-    elif pr.get("shares_prefixes"):
-        how = "not salted: the dataset shares prefixes on purpose"
     else:
-        how = "not salted (`dataset.salt: false`)"
+        how = f"not salted: {pr.get('unsalted_because') or 'the profile asks so'}"
+    if pr.get("distinct_prompts") is None:
+        return f"Prompts: {pr.get('requests')} requests; {how}."
     return (
         f"Prompts: {pr.get('distinct_prompts')} distinct of {pr.get('requests')} requests "
         f"({pr.get('repeated')} repeated); {how}."
@@ -275,12 +282,14 @@ def run_markdown(result: RunResult, plots: Sequence[str] = ()) -> str:
     p, s = result.profile, result.summary
     req = p.request
     path = "chat/completions" if p.endpoint == "chat" else "completions"
+    editor = p.dataset.editor if p.dataset.type == "editor" else None
+    max_tokens = editor.max_tokens if editor is not None else req.max_tokens
     lines = [
         f"# Benchmark `{p.name}` against {result.target.label}",
         "",
         f"{result.started} · model `{result.model}` · `/v1/{path}`"
         f" · {'streamed' if req.stream else 'not streamed'} · dataset `{p.dataset.type}`"
-        f" · max_tokens {req.max_tokens}{' · ignore_eos' if req.ignore_eos else ''}"
+        f" · max_tokens {max_tokens}{' · ignore_eos' if req.ignore_eos else ''}"
         f" · seed {p.seed}",
         "",
     ]
@@ -315,6 +324,9 @@ def run_markdown(result: RunResult, plots: Sequence[str] = ()) -> str:
             "",
         ]
     lines += ["## Where the time went", "", *breakdown_table(s, result.server), ""]
+    from benchmarks.harness.report.sections import sections_markdown
+
+    lines += sections_markdown(result)
     lines += ["## Server", "", *server_table(result.server), ""]
     lines += ["## Client", "", *client_table(result.client), ""]
     if line := prompts_line(result):

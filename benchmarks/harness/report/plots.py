@@ -57,7 +57,7 @@ def plot_timeline(result: RunResult, path: Path) -> Path:
     """Per request over time: TTFT and E2E; output tok/s per second; schedule lag."""
     recs = result.records
     ok = [r for r in recs if r.ok and r.sent is not None]
-    bad = [r for r in recs if not r.ok and r.sent is not None]
+    bad = [r for r in recs if not r.ok and not r.cancelled and r.sent is not None]
     open_loop = any(r.scheduled is not None for r in recs)
     n = 3 if open_loop else 2
     fig, axes = plt.subplots(n, 1, figsize=(11, 2.8 * n), sharex=True)
@@ -69,6 +69,16 @@ def plot_timeline(result: RunResult, path: Path) -> Path:
         ax.scatter([a for a, _ in tt], [b * 1000 for _, b in tt], s=6, label="TTFT")
     if bad:
         ax.scatter([r.sent for r in bad], [0] * len(bad), marker="x", color="red", label="failed")
+    cut = [
+        (r.sent, (r.finished - r.sent) * 1000)
+        for r in recs
+        if r.cancelled and r.sent is not None and r.finished is not None
+    ]
+    if cut:  # editor requests closed by a keystroke: how long they had run
+        ax.scatter(
+            [a for a, _ in cut], [b for _, b in cut],
+            s=4, marker=".", color="gray", alpha=0.5, label="cancelled (time to cancel)",
+        )  # fmt: skip
     ax.set_ylabel("ms")
     ax.set_title("latency by send time")
     ax.legend(fontsize=7)
