@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     order: list[str] = []
     with running_server("ours", out / "ours.log") as server:
         for rnd in range(args.rounds):
-            prompts = trial_prompts(all_prompts, out, rnd, args.requests)
             for tool in ("harness", "vllm") if rnd % 2 == 0 else ("vllm", "harness"):
+                # Prompts of this run's own: the server keeps what earlier runs sent.
+                prompts = trial_prompts(all_prompts, out, len(order), args.requests)
                 d = out / f"{tool}-{rnd}"
                 run = ours_run if tool == "harness" else vllm_run
                 runs[tool].append(
