@@ -68,11 +68,14 @@ def free_port() -> int:
         return port
 
 
-def start_fake_servers(port: int, processes: int, log_dir: Path) -> list[subprocess.Popen[bytes]]:
+def start_fake_servers(
+    port: int, processes: int, log_dir: Path, *fake_args: str
+) -> list[subprocess.Popen[bytes]]:
     """`bench fake-server` × processes on one port (SO_REUSEPORT); wait until it answers."""
     log_dir.mkdir(parents=True, exist_ok=True)
     procs = []
     argv = [sys.executable, "-m", "benchmarks", "fake-server", "--port", str(port), "--reuse-port"]
+    argv += fake_args
     for k in range(processes):
         with (log_dir / f"fake-{k}.log").open("wb") as log:
             procs.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT))

@@ -149,10 +149,17 @@ def _aiohttp_tracing() -> Any:
 
 
 class AiohttpTransport:
-    def __init__(self, concurrency: int | None, timeout_s: float, api_key: str | None) -> None:
+    def __init__(
+        self,
+        concurrency: int | None,
+        timeout_s: float,
+        api_key: str | None,
+        *,
+        fixed_pool: int | None = None,  # exactly this many connections (experiments)
+    ) -> None:
         import aiohttp
 
-        n = pool_size(concurrency)
+        n = fixed_pool or pool_size(concurrency)
         self._aiohttp = aiohttp
         self.pool_limit = n
         self.session = aiohttp.ClientSession(
