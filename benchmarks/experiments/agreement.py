@@ -48,13 +48,16 @@ def _sched(priority: int | None) -> list[str]:
     return [] if priority is None else ["chrt", "-f", str(priority)]
 
 
-def ours_run(url: str, prompts: Path, out: Path, n: int, priority: int | None) -> dict[str, Any]:
+def ours_run(
+    url: str, prompts: Path, out: Path, n: int, priority: int | None, scrape: bool = True
+) -> dict[str, Any]:
     subprocess.run(
         _sched(priority)
         + harness_command(
             "run", "agreement", "--base-url", url, "--num-requests", str(n), "--dataset", "jsonl",
             "--dataset-path", str(prompts), "--set", "dataset.shuffle=false", "--no-salt",
             "--no-progress", "--no-plots", "--quiet", "--out", str(out),
+            *(() if scrape else ("--no-server-metrics",)),
         ),
         cwd=ROOT, check=True, capture_output=True,
     )  # fmt: skip
@@ -114,6 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--out", type=Path)
     p.add_argument("--client-priority", type=int, metavar="N", help="both clients at SCHED_FIFO N")
+    p.add_argument(
+        "--no-server-metrics",
+        action="store_true",
+        help="the harness does not scrape the server's /metrics (vLLM's client never does)",
+    )
     args = p.parse_args(argv)
     out = args.out or results_dir("agreement")
     out.mkdir(parents=True, exist_ok=True)
@@ -126,10 +134,12 @@ def main(argv: list[str] | None = None) -> int:
                 # Prompts of this run's own: the server keeps what earlier runs sent.
                 prompts = trial_prompts(all_prompts, out, len(order), args.requests)
                 d = out / f"{tool}-{rnd}"
-                run = ours_run if tool == "harness" else vllm_run
-                runs[tool].append(
-                    run(server.base_url, prompts, d, args.requests, args.client_priority)
-                )
+                if tool == "harness":
+                    run = ours_run(server.base_url, prompts, d, args.requests,
+                                   args.client_priority, not args.no_server_metrics)  # fmt: skip
+                else:
+                    run = vllm_run(server.base_url, prompts, d, args.requests, args.client_priority)
+                runs[tool].append(run)
                 order.append(tool)
                 r = runs[tool][-1]
                 print(
@@ -138,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
                     file=sys.stderr,
                     flush=True,
                 )
-    meta = run_meta(PROG, argv, args.rounds, order=order, client_priority=args.client_priority)
+    meta = run_meta(PROG, argv, args.rounds, order=order, client_priority=args.client_priority,
+                    server_metrics=not args.no_server_metrics)  # fmt: skip
     table = render(runs, meta)
     (out / "agreement.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
     (out / "agreement.md").write_text(table)
