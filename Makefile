@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed
 # helm for the chart tests (tests/e2e/test_chart*.py), installed into the repo.
 HELM := .tools/helm
 
-.PHONY: setup helm serve test test-unit lint format demo-model bench parity soak ray-bench spec-bench clean
+.PHONY: setup helm serve test test-unit lint format demo-model bench parity soak ray-bench spec-bench priority-bench clean
 
 setup: $(STAMP) demo-model $(HELM)
 
@@ -84,6 +84,13 @@ ray-bench: setup
 # make spec-bench SPEC_BENCH_ARGS="--trials 5 --targets off,ngram,suffix"
 spec-bench: setup
 	$(BIN)/python -m benchmarks.experiments.spec_decode $(SPEC_BENCH_ARGS)
+
+# Priority classes (issue 14): a batch key floods the server while an interactive key runs
+# the editor workload, with classes off (fifo), on (priority) and the editors alone (idle),
+# interleaved; results/priority/<time>/summary.json.
+# make priority-bench PRIORITY_BENCH_ARGS="--trials 3 --editor-seconds 60"
+priority-bench: setup
+	$(BIN)/python -m benchmarks.experiments.priority $(PRIORITY_BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -8,9 +8,12 @@ Engine flags keep vLLM's names so that vLLM users feel at home.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -188,6 +191,122 @@ class AdmissionConfig(Section):
     retry_after_s: int = Field(1, ge=1, description="Retry-After sent with 429 and 503.")
 
 
+PRIORITY_CLASS_NAME = r"[a-z][a-z0-9_-]{0,31}"
+MAX_PRIORITY_CLASSES = 8  # each is a label value of the per-class metrics
+
+
+@dataclass(frozen=True, slots=True)
+class PriorityClassSpec:
+    """One priority class as the settings define it."""
+
+    name: str
+    priority: int  # vLLM's request priority: lower is served first
+    queue_share: float  # share of the waiting queue its requests may fill (priority mode)
+
+
+def parse_priority_classes(text: str) -> list[PriorityClassSpec]:
+    """`"interactive priority=0 queue_share=1, batch priority=20 queue_share=0.5"`,
+    highest priority first (ValueError saying what is wrong)."""
+    specs: list[PriorityClassSpec] = []
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        name, *options = entry.split()
+        if not re.fullmatch(PRIORITY_CLASS_NAME, name):
+            raise ValueError(f"class name {name!r} must match {PRIORITY_CLASS_NAME}")
+        values = dict(o.partition("=")[::2] for o in options)
+        if set(values) - {"priority", "queue_share"} or "priority" not in values:
+            raise ValueError(f"class {name!r}: give priority=<int> [queue_share=<0..1>]")
+        try:
+            spec = PriorityClassSpec(
+                name, int(values["priority"]), float(values.get("queue_share", 1.0))
+            )
+        except ValueError:
+            raise ValueError(
+                f"class {name!r}: priority is an integer, queue_share a number"
+            ) from None
+        if not 0.0 <= spec.queue_share <= 1.0:
+            raise ValueError(f"class {name!r}: queue_share must lie in [0, 1]")
+        specs.append(spec)
+    specs.sort(key=lambda c: c.priority)
+    _check_class_table(specs)
+    return specs
+
+
+def _check_class_table(specs: list[PriorityClassSpec]) -> None:
+    if not 1 <= len(specs) <= MAX_PRIORITY_CLASSES:
+        raise ValueError(f"give 1 to {MAX_PRIORITY_CLASSES} classes")
+    for kind, values in (
+        ("names", [c.name for c in specs]),
+        ("priorities", [c.priority for c in specs]),
+    ):
+        if len(set(values)) != len(values):
+            raise ValueError(f"class {kind} must be unique")
+    if specs[0].queue_share != 1.0:
+        raise ValueError(f"the highest class ({specs[0].name}) must have queue_share=1")
+    for upper, lower in itertools.pairwise(specs):
+        if lower.queue_share > upper.queue_share:
+            raise ValueError(
+                f"class {lower.name!r} may not have more of the queue than {upper.name!r} above it"
+            )
+
+
+class PriorityConfig(Section):
+    """Priority classes (per API key and per request) and fair share across keys."""
+
+    scheduling_policy: Literal["fcfs", "priority"] = Field(
+        "fcfs",
+        description="vLLM's scheduling policy. priority: each request runs at its class's "
+        "engine priority (lower first; under KV-cache pressure the engine preempts the lowest "
+        "first), and admission keeps queue headroom per class and a weighted fair share per "
+        "API key. fcfs: first come, first served; classes only label metrics.",
+    )
+    priority_classes: str = Field(
+        "interactive priority=0 queue_share=1, default priority=10 queue_share=0.75, "
+        "batch priority=20 queue_share=0.5",
+        description="The classes: '<name> priority=<int> queue_share=<0..1>', comma-separated. "
+        "priority is vLLM's (lower is served first); queue_share is the part of the waiting "
+        "queue (--max-waiting-requests) a class's requests may fill, the rest being headroom "
+        "for the classes above it.",
+    )
+    default_priority_class: str = Field(
+        "default", description="Class of keys without 'priority=' (and of an open API)."
+    )
+    fim_priority_class: str | None = Field(
+        None,
+        description="Class for fill-in-the-middle requests (suffix set, max_tokens at most "
+        "--fim-priority-max-tokens) from keys without a class that ask for none. none: off.",
+    )
+    fim_priority_max_tokens: int = Field(
+        64, ge=1, description="Largest max_tokens of a FIM request --fim-priority-class takes."
+    )
+    fair_share_window_s: float = Field(
+        5.0,
+        gt=0,
+        description="How long a key refused for its class's bound or its fair share keeps its "
+        "share of the class reserved (priority mode).",
+    )
+
+    @field_validator("priority_classes")
+    @classmethod
+    def _classes_parse(cls, v: str) -> str:
+        parse_priority_classes(v)
+        return v
+
+    @model_validator(mode="after")
+    def _named_classes_exist(self) -> PriorityConfig:
+        names = [c.name for c in self.classes()]
+        for setting in ("default_priority_class", "fim_priority_class"):
+            name = getattr(self, setting)
+            if name is not None and name not in names:
+                raise ValueError(f"{setting} {name!r} is not one of the classes {names}")
+        return self
+
+    def classes(self) -> list[PriorityClassSpec]:
+        """The classes, highest priority (lowest value) first."""
+        return parse_priority_classes(self.priority_classes)
+
+
 class RayConfig(Section):
     """Cluster mode: Ray Serve replicas, placement and autoscaling (`serve --ray`)."""
 
@@ -228,6 +347,12 @@ class RayConfig(Section):
         gt=0,
         description="Engine queue depth per replica that calls for another replica "
         "(custom autoscaling signal).",
+    )
+    target_interactive_waiting_per_replica: float | None = Field(
+        2.0,
+        gt=0,
+        description="Waiting sequences (admitted, no first token yet) of the highest-priority "
+        "class per replica that call for another replica. none: off.",
     )
     kv_cache_scale_up_threshold: float = Field(
         0.90,
@@ -390,6 +515,7 @@ class Settings(Section):
     server: ServerConfig = Field(default_factory=ServerConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    priority: PriorityConfig = Field(default_factory=PriorityConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     decoding: DecodingConfig = Field(default_factory=DecodingConfig)
 
@@ -525,6 +651,10 @@ class ResolvedSettings(BaseModel):
     @property
     def admission(self) -> AdmissionConfig:
         return self.settings.admission
+
+    @property
+    def priority(self) -> PriorityConfig:
+        return self.settings.priority
 
     @property
     def ray(self) -> RayConfig:

@@ -84,6 +84,8 @@ class SamplingOptions:
     # Streaming gets each step's new tokens; otherwise one final output, with
     # no per-step work in the frontend at all.
     stream: bool = True
+    # vLLM's request priority (lower is served first; with --scheduling-policy priority).
+    priority: int = 0
     constraint: OutputConstraint | None = None  # structured outputs
 
 
@@ -117,6 +119,8 @@ class StepOutput:
     # arrival to its first token, and from first to last token.
     first_token_latency: float | None = None
     decode_time: float | None = None
+    # Times the engine has preempted this request so far (its KV cache was needed).
+    preemptions: int = 0
 
 
 @dataclass(slots=True)
@@ -212,6 +216,9 @@ def engine_args(settings: ResolvedSettings, model_path: str) -> Any:
         seed=cfg.seed,
         max_logprobs=cfg.max_logprobs,
         distributed_executor_backend=cfg.distributed_executor_backend,
+        # fcfs, or priority: each request's `priority` orders the queue and the
+        # preemptions (docs/design.md, "Priority classes").
+        scheduling_policy=settings.priority.scheduling_policy,
         # We log requests ourselves, once, as JSON.
         enable_log_requests=False,
         # vLLM's own stat loggers (its log lines and vllm:* Prometheus
@@ -411,7 +418,9 @@ class Engine:
             raise EngineNotReadyError("the engine is still loading")
         params = self._sampling_params(options)
         try:
-            async for out in self._llm.generate(tokens_input(prompt_token_ids), params, request_id):
+            async for out in self._llm.generate(
+                tokens_input(prompt_token_ids), params, request_id, priority=options.priority
+            ):
                 yield StepOutput(
                     sequences=[
                         SequenceDelta(
@@ -433,6 +442,7 @@ class Engine:
                     if options.prompt_logprobs is not None and out.prompt_logprobs is not None
                     else None,
                     num_cached_tokens=out.num_cached_tokens or 0,
+                    preemptions=_preemptions(out),
                     **({} if options.stream else _timing(out)),
                 )
         except VllmEngineDeadError as e:
@@ -560,6 +570,12 @@ def _timing(out: Any) -> dict[str, float]:
         "first_token_latency": m.first_token_latency,
         "decode_time": max(0.0, m.last_token_ts - m.first_token_ts),
     }
+
+
+def _preemptions(out: Any) -> int:
+    # The request's running count (vLLM's RequestStateStats, kept while stats are logged).
+    m = getattr(out, "metrics", None)
+    return int(getattr(m, "num_preemptions", 0) or 0)
 
 
 def configure_vllm_logging(level: str) -> None:

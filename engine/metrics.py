@@ -205,6 +205,7 @@ class Metrics:
         self._gauge(f"{p}_engine_healthy", "1 while the engine process is alive.", engine.healthy)
         self._gauge(f"{p}_ready", "1 while the server accepts requests.", engine.ready)
         r.register(_EngineCounters(engine))
+        self.classes = PriorityClassMetrics(r)
         r.register(_SpecDecodeCounters(engine))
         self.info = Gauge(f"{p}_model_info", "The served model.", ["model"], registry=r)
         self._model_name = model_name
@@ -217,3 +218,64 @@ class Metrics:
         if name:
             self.info.labels(model=name).set(1)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class PriorityClassMetrics:
+    """The per-class series (label `priority_class`: one of the configured classes, at most
+    eight; never a key). Separate series, so the unlabelled-by-class ones and every
+    dashboard and alert built on them stay as they are."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        p, r, by = f"{PREFIX}_class", registry, ["priority_class"]
+        self.requests = Counter(
+            f"{p}_requests", "Finished generation requests by priority class and status code.",
+            [*by, "status"], registry=r,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            f"{p}_time_to_first_token_seconds",
+            "Time from request arrival to the first generated token, by priority class.",
+            by, buckets=TTFT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.tpot = Histogram(
+            f"{p}_time_per_output_token_seconds",
+            "Per request: (last token time - first token time) / (output tokens - 1), by class.",
+            by, buckets=TPOT_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.e2e = Histogram(
+            f"{p}_e2e_request_latency_seconds",
+            "Time from request arrival to its last byte, by priority class.",
+            by, buckets=E2E_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.admitted = Gauge(
+            f"{p}_admitted_sequences", "Admitted, unfinished sequences of the class.", by,
+            registry=r,
+        )  # fmt: skip
+        self.waiting = Gauge(
+            f"{p}_waiting_sequences",
+            "Admitted sequences of the class with no token yet (queued in the engine or in "
+            "prefill; a non-streamed request counts until it finishes).", by, registry=r,
+        )  # fmt: skip
+        self.refused = Counter(
+            f"{p}_requests_refused",
+            "Requests of the class refused with 429: queue_full (the class's bound), "
+            "fair_share (the key holds its share of the class), queue_tokens, rate_limit_*.",
+            [*by, "reason"], registry=r,
+        )  # fmt: skip
+        self.preemptions = Counter(
+            f"{p}_preemptions",
+            "Times the engine preempted the class's requests (counted when a request ends).",
+            by, registry=r,
+        )  # fmt: skip
+        self.clamped = Counter(
+            f"{p}_priority_clamped",
+            "Requests that asked for a priority above their key's class and ran in the key's "
+            "class instead.", by, registry=r,
+        )  # fmt: skip
+
+    def declare(self, classes: list[str]) -> None:
+        """Show every class's series from the start (at zero), not once it is first used."""
+        per_class = (self.ttft, self.tpot, self.e2e, self.admitted, self.waiting,
+                     self.preemptions, self.clamped)  # fmt: skip
+        for name in classes:
+            for metric in per_class:
+                metric.labels(name)

@@ -62,6 +62,7 @@ def autoscaling_config(settings: ResolvedSettings) -> dict[str, Any]:
                 "target_ongoing_requests": r.target_ongoing_requests,
                 "target_waiting_per_replica": r.target_waiting_per_replica,
                 "kv_cache_scale_up_threshold": r.kv_cache_scale_up_threshold,
+                "target_interactive_waiting_per_replica": r.target_interactive_waiting_per_replica,
             },
         },
     }

@@ -103,6 +103,7 @@ class CodeLlamaServer:
             "engine_running": float(stats.running),
             "kv_cache_usage": float(stats.kv_cache_usage),
             "admitted_sequences": float(self.state.admission.sequences),
+            "interactive_waiting": float(self.state.admission.top_class_waiting),
         }
 
     def _serve_own_metrics(self) -> None:

@@ -3,8 +3,13 @@
 Key sources: `--api-keys` / `CODELLAMA_SERVE_API_KEYS` (comma-separated) and
 `--api-keys-file` (one per line, e.g. a mounted Kubernetes Secret):
 
-    sk-team-a-1234 name=team-a rpm=600 tpm=2000000
+    sk-team-a-1234 name=team-a rpm=600 tpm=2000000 priority=interactive
     sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08 name=ci
+    sk-evals-5678 name=evals priority=batch weight=2
+
+`priority=` names the key's priority class (the highest its requests may ask
+for; engine/api/priority.py checks it against the configured classes) and
+`weight=` its weight in its class's fair share of admission.
 
 A key's `name` (or the first 8 hex digits of its digest) is what logs show;
 the key itself is never logged or used as a metric label.
@@ -14,11 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from engine.config import AuthConfig
+from engine.config import PRIORITY_CLASS_NAME, AuthConfig
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -33,6 +41,8 @@ class ApiKey:
     digest: bytes = b""
     rpm: int | None = None
     tpm: int | None = None
+    priority_class: str | None = None  # None: the default class (an "unclassed" key)
+    weight: float = 1.0  # its weight in its class's fair share
 
 
 ANONYMOUS = ApiKey(name="anonymous")
@@ -51,19 +61,50 @@ def _parse_entry(entry: str, where: str, defaults: AuthConfig) -> ApiKey:
         key_digest = bytes.fromhex(hexdigest)
     else:
         key_digest = digest(secret)
-    fields: dict[str, str] = {}
+    fields: dict[str, Any] = {}
     for option in options:
         name, sep, value = option.partition("=")
-        if not sep or name not in ("name", "rpm", "tpm"):
-            raise KeyFileError(f"{where}: unknown option {name!r} (expected name=, rpm=, tpm=)")
-        fields[name] = value
-    try:
-        rpm = int(fields["rpm"]) if "rpm" in fields else defaults.rate_limit_rpm
-        tpm = int(fields["tpm"]) if "tpm" in fields else defaults.rate_limit_tpm
-    except ValueError:
-        raise KeyFileError(f"{where}: rpm and tpm must be whole numbers") from None
+        if not sep or name not in KEY_OPTIONS:
+            expected = ", ".join(f"{o}=" for o in KEY_OPTIONS)
+            raise KeyFileError(f"{where}: unknown option {name!r} (expected {expected})")
+        parse, problem = KEY_OPTIONS[name]
+        try:
+            fields[name] = parse(value)
+        except ValueError:
+            raise KeyFileError(f"{where}: {problem}") from None
     label = fields.get("name") or "key-" + key_digest.hex()[:8]
-    return ApiKey(name=label, digest=key_digest, rpm=rpm, tpm=tpm)
+    return ApiKey(
+        name=label,
+        digest=key_digest,
+        rpm=fields.get("rpm", defaults.rate_limit_rpm),
+        tpm=fields.get("tpm", defaults.rate_limit_tpm),
+        priority_class=fields.get("priority"),
+        weight=fields.get("weight", 1.0),
+    )
+
+
+def _class_name(value: str) -> str:
+    if not re.fullmatch(PRIORITY_CLASS_NAME, value):
+        raise ValueError(value)
+    return value
+
+
+def _weight(value: str) -> float:
+    weight = float(value)
+    if not 0 < weight < math.inf:
+        raise ValueError(value)
+    return weight
+
+
+# The options a keys-file line may carry: how each value is parsed, and what
+# the error says when it cannot be.
+KEY_OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
+    "name": (str, "name needs a label"),
+    "rpm": (int, "rpm and tpm must be whole numbers"),
+    "tpm": (int, "rpm and tpm must be whole numbers"),
+    "priority": (_class_name, "priority must name a priority class"),
+    "weight": (_weight, "weight must be a positive number"),
+}
 
 
 class KeyStore:
@@ -94,6 +135,10 @@ class KeyStore:
     @property
     def enabled(self) -> bool:
         return bool(self._keys)
+
+    @property
+    def keys(self) -> tuple[ApiKey, ...]:
+        return tuple(self._keys)
 
     def __len__(self) -> int:
         return len(self._keys)

@@ -37,6 +37,7 @@ class Completions:
                 ids, max_tokens, "max_tokens", echo_texts=echo or [], stop_token_ids=stops or [],
                 logprobs=req.logprobs,
                 prompt_logprobs=req.logprobs if req.echo else None,
+                infill=req.suffix is not None,
             )  # fmt: skip
 
         texts = [p for p in given if isinstance(p, str)]

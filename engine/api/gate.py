@@ -52,9 +52,14 @@ class GateMiddleware(HTTPMiddleware):
         if state.draining:
             state.metrics.refused.labels(reason="draining").inc()
             return draining(state.settings.admission.retry_after_s)
-        if state.admission.full:
-            return state.admission.queue_full_error()
+        full = state.admission.precheck(key)
+        if full is not None:
+            return full
         limited = state.admission.limiter.check_request(key)
         if limited is not None:
             state.metrics.refused.labels(reason="rate_limit_rpm").inc()
+            # Counted under the key's class: the request's own is not known before its body.
+            state.metrics.classes.refused.labels(
+                state.priorities.of_key(key).name, "rate_limit_rpm"
+            ).inc()
         return limited

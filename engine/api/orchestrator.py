@@ -1,8 +1,8 @@
 """The one path of a generation request, whatever its endpoint.
 
     check serving and model -> the endpoint prepares its prompts (its own checks,
-    Code Llama's formats) -> context check -> admission -> the run in the engine
-    -> the endpoint renders JSON or SSE frames
+    Code Llama's formats) -> context check -> priority class -> admission -> the
+    run in the engine -> the endpoint renders JSON or SSE frames
 
 An endpoint (completions, chat) supplies only what is its own: how its request
 becomes prompts (`prepare`) and how steps become its response (`renderer`).
@@ -22,6 +22,7 @@ from starlette.responses import Response
 from engine.api.auth import ANONYMOUS
 from engine.api.constraints import invalid, output_constraint
 from engine.api.disconnect import primed, unless_disconnected
+from engine.api.priority import PRIORITY_CLASS_HEADER
 from engine.api.run import Run, Steps
 from engine.api.sampling import sampling_options
 from engine.api.schemas import SamplingFields
@@ -44,6 +45,7 @@ class PreparedPrompts:
     stop_token_ids: list[int] = field(default_factory=list)  # beyond the request's own
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    infill: bool = False  # fill-in-the-middle (`suffix`): what --fim-priority-class looks at
 
 
 class Renderer(Protocol):
@@ -77,10 +79,17 @@ def start_run(
         constraint=constraint,
     )  # fmt: skip
     key = getattr(request.state, "api_key", ANONYMOUS)
+    assigned = state.priorities.assign(
+        key, req.priority, infill=prompts.infill, max_tokens=prompts.max_tokens
+    )
+    options.priority = assigned.engine_priority
     sequences = len(prompts.token_ids) * options.n
-    ticket = state.admission.reserve(key, sequences, sum(map(len, prompts.token_ids)))
+    ticket = state.admission.reserve(
+        key, sequences, sum(map(len, prompts.token_ids)), assigned.name
+    )
     request_id = endpoint.id_prefix + uuid.uuid4().hex
     run = Run(state, endpoint.name, request_id, prompts.token_ids, options, ticket)
+    run.priority_clamped = assigned.clamped
     request.state.run = run  # for the access log
     return run, prompts
 
@@ -105,16 +114,20 @@ async def serve_generation(
     """Answer a generation request: one JSON body, or a stream of SSE frames."""
     run, prompts = start_run(state, request, req, endpoint)
     render = endpoint.renderer(run, req, prompts)
+    headers = {PRIORITY_CLASS_HEADER: run.ticket.priority_class}
     if req.stream:
         # The first step is awaited here so that an early error is an HTTP status;
         # from then on the response owns the run and closes it when it ends.
         async with run.closes_on_error():
             steps = await unless_disconnected(request, primed(run.steps()))
         return SSEResponse(
-            render.frames(steps), run.close, coalesce_s=state.settings.stream_coalesce_s
+            render.frames(steps),
+            run.close,
+            headers=headers,
+            coalesce_s=state.settings.stream_coalesce_s,
         )
     body = await unless_disconnected(request, _collect(run, render))
-    return Response(orjson.dumps(body), media_type="application/json")
+    return Response(orjson.dumps(body), media_type="application/json", headers=headers)
 
 
 async def _collect(run: Run, render: Renderer) -> dict[str, Any]:

@@ -40,10 +40,17 @@ class Run:
     _stream: _StepStream | None = None
     _recorded: bool = False
     abort_reason: str | None = None  # why the engine stopped it early, once recorded
+    priority_clamped: bool = False  # it asked for more than its key's class
+    preemptions: list[int] = field(default_factory=list)  # per prompt, as the engine counts
 
     def __post_init__(self) -> None:
         self.tokens_per_choice = [0] * (len(self.prompts) * self.options.n)
+        self.preemptions = [0] * len(self.prompts)
         self.state.request_started()
+
+    @property
+    def priority_class(self) -> str:
+        return self.ticket.priority_class
 
     @property
     def prompt_tokens(self) -> int:
@@ -73,7 +80,10 @@ class Run:
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "max_tokens": self.options.max_tokens,
+            "priority_class": self.priority_class,
         }
+        if self.priority_clamped:
+            fields["priority_clamped"] = True
         if self.first_token_at is not None:
             fields["ttft_ms"] = round((self.first_token_at - self.arrival) * 1000, 2)
         tpot = self.tpot()
@@ -154,6 +164,7 @@ class Run:
 
     def _count(self, prompt_index: int, n: int, step: StepOutput) -> None:
         now = time.monotonic()
+        self.preemptions[prompt_index] = max(self.preemptions[prompt_index], step.preemptions)
         if step.first_token_latency is not None and self.first_token_at is None:
             # A non-streamed request arrives whole: the engine timed its tokens.
             self.first_token_at = self.arrival + step.first_token_latency
@@ -188,6 +199,7 @@ class Run:
         m = self.state.metrics
         now = time.monotonic()
         m.requests.labels(endpoint=self.endpoint, status=str(status)).inc()
+        self._record_class(status, now)
         if self.timed_out:
             self.abort_reason = "timeout"
         elif status == CLIENT_CLOSED and not self.finished:
@@ -209,6 +221,23 @@ class Run:
         tpot = self.tpot()
         if tpot is not None:
             m.tpot.labels(endpoint=self.endpoint).observe(tpot)
+
+    def _record_class(self, status: int, now: float) -> None:
+        """The request in its priority class's series."""
+        c, cls = self.state.metrics.classes, self.priority_class
+        c.requests.labels(cls, str(status)).inc()
+        if self.priority_clamped:
+            c.clamped.labels(cls).inc()
+        if sum(self.preemptions):
+            c.preemptions.labels(cls).inc(sum(self.preemptions))
+        if status != 200:
+            return
+        c.e2e.labels(cls).observe(now - self.arrival)
+        if self.first_token_at is not None:
+            c.ttft.labels(cls).observe(self.first_token_at - self.arrival)
+        tpot = self.tpot()
+        if tpot is not None:
+            c.tpot.labels(cls).observe(tpot)
 
 
 async def merge_streams(

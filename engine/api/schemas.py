@@ -18,6 +18,8 @@ Int = Annotated[int, Field(strict=True)]
 Float = Annotated[float, Field(allow_inf_nan=False)]
 TokenId = Annotated[int, Field(strict=True, ge=0)]
 StopText = Annotated[str, Field(min_length=1, max_length=1024)]
+PriorityClassName = Annotated[str, Field(min_length=1, max_length=64)]
+EnginePriority = Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)]  # vLLM's bounds
 
 MAX_STOP_SEQUENCES = 16
 
@@ -54,6 +56,12 @@ class SamplingFields(StructuredOutputFields):
     stop_token_ids: list[TokenId] | None = Field(None, max_length=64)
     include_stop_str_in_output: StrictBool = False
     skip_special_tokens: StrictBool = True
+    priority: EnginePriority | PriorityClassName | None = Field(
+        None,
+        description="vLLM's request priority (lower is served first) or a priority class "
+        "name; never above the API key's class (a request asking for more runs in the "
+        "key's class). Default: the key's class.",
+    )
 
     @field_validator("stop")
     @classmethod

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 from engine.api.admission import Admission
 from engine.api.auth import KeyStore
+from engine.api.priority import PriorityClasses
 from engine.codellama import Capabilities, CodeLlamaPrompts, capabilities
 from engine.config import ResolvedSettings
 from engine.llm import EngineStats, ModelInfo, OutputConstraint, SamplingOptions, StepOutput
@@ -45,6 +46,7 @@ class ServerState:
     replica_id: str | None = None  # set in cluster mode; sent as a response header
     metrics: Metrics = field(init=False)
     keys: KeyStore = field(init=False)
+    priorities: PriorityClasses = field(init=False)
     admission: Admission = field(init=False)
     # Built from the loaded tokenizer once the engine is up (see on_engine_started).
     prompts: CodeLlamaPrompts | None = None
@@ -72,7 +74,9 @@ class ServerState:
             model_name=lambda: e.info.served_name if e.info else "",
         )
         self.keys = KeyStore.from_config(self.settings.auth)
-        self.admission = Admission(self.settings, self.metrics)
+        self.priorities = PriorityClasses(self.settings.priority)
+        self.priorities.check_keys(self.keys)
+        self.admission = Admission(self.settings, self.metrics, self.priorities)
         self.idle.set()
 
     @property

@@ -47,8 +47,9 @@ def exported_series() -> dict[str, frozenset[str]]:
         drafts=0, draft_tokens=0, accepted_tokens=0, accepted_per_position=[0]
     )
     metrics = Metrics(gauges, model_name=lambda: "model")
-    for value in vars(metrics).values():
-        # A labelled metric shows its series once a child exists.
+    groups = [metrics, *(v for v in vars(metrics).values() if hasattr(v, "__dict__"))]
+    for value in (v for group in groups for v in vars(group).values()):
+        # A labelled metric shows its series once a child exists (groups of them too).
         if isinstance(value, MetricWrapperBase) and value._labelnames:
             value.labels(*["x"] * len(value._labelnames))
     metrics.render()
@@ -255,3 +256,21 @@ def test_compose_stack() -> None:
         (OBS / "grafana/provisioning/dashboards/codellama-serve.yaml").read_text()
     )
     assert providers["providers"][0]["options"]["path"] == mounts["./grafana/dashboards"]
+
+
+def test_dashboard_has_a_row_for_priority_classes() -> None:
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    (row,) = [p for p in panels if p["type"] == "row" and p["title"] == "Priority classes"]
+    below = [p for p in panels if p["gridPos"]["y"] > row["gridPos"]["y"]]
+    exprs = " ".join(t["expr"] for p in below for t in p["targets"])
+    for series in (
+        "codellama_serve_class_time_to_first_token_seconds_bucket",
+        "codellama_serve_class_time_per_output_token_seconds_bucket",
+        "codellama_serve_class_e2e_request_latency_seconds_bucket",
+        "codellama_serve_class_waiting_sequences",
+        "codellama_serve_class_requests_refused_total",
+        "codellama_serve_class_preemptions_total",
+    ):
+        assert series in exprs, f"the priority-class row does not show {series}"
+    assert all("by (le, priority_class)" in t["expr"] for p in below for t in p["targets"]
+               if "histogram_quantile" in t["expr"])  # fmt: skip

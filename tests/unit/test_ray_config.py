@@ -179,3 +179,32 @@ def test_replica_ops_port_serves_metrics_health_and_ready(demo_tokenizer):
     state.on_engine_started(engine.start())
     assert httpx.get(url + "/ready").status_code == 200
     loop.call_soon_threadsafe(loop.stop)
+
+
+def test_policy_scales_up_on_interactive_queueing():
+    policy = CodeLlamaAutoscalingPolicy(
+        target_ongoing_requests=8, target_waiting_per_replica=100,
+        kv_cache_scale_up_threshold=0.9, target_interactive_waiting_per_replica=2,
+    )  # fmt: skip
+    # A batch flood queued behind priority scheduling is no reason by itself...
+    assert policy.decide(2, ongoing=10, waiting=60, kv_mean=0.5, interactive_waiting=3) == (
+        1.25, ["ongoing_requests"],
+    )  # fmt: skip
+    # ...interactive work waiting is: one more replica, and no scaling down meanwhile.
+    assert policy.decide(2, ongoing=10, waiting=60, kv_mean=0.5, interactive_waiting=5) == (
+        3, ["interactive_queue"],
+    )  # fmt: skip
+    metrics = {"interactive_waiting": {"r1": 4.0, "r2": 1.0}, "engine_waiting": {"r1": 9.0}}
+    desired, state = policy(_Ctx(2, 2, metrics))
+    assert desired == 3 and state["codellama_reasons"] == ["interactive_queue"]
+    off = CodeLlamaAutoscalingPolicy(8, 100, 0.9)  # none: the signal is off
+    assert off.decide(1, ongoing=1, waiting=0, kv_mean=0, interactive_waiting=50)[1] == [
+        "ongoing_requests"
+    ]
+
+
+def test_autoscaling_config_carries_the_interactive_target():
+    name = "target_interactive_waiting_per_replica"
+    told = autoscaling_config(settings(ray={name: 3.0}))
+    assert told["policy"]["policy_kwargs"][name] == 3.0
+    assert autoscaling_config(settings())["policy"]["policy_kwargs"][name] == 2.0
