@@ -59,6 +59,7 @@ prometheus:
 
 demo-model: $(STAMP)
 	$(BIN)/codellama-serve demo-model
+	$(BIN)/codellama-serve demo-model --lora
 
 serve: setup
 	$(BIN)/codellama-serve serve --host $(HOST) --port $(PORT) $(ARGS)

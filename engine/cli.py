@@ -55,6 +55,11 @@ def _add_field(group: argparse._ArgumentGroup, name: str, info: FieldInfo) -> No
         kwargs["action"] = argparse.BooleanOptionalAction
     elif get_origin(inner) is Literal:
         kwargs["choices"] = list(get_args(inner))
+        if all(isinstance(c, int) for c in kwargs["choices"]):
+            kwargs["type"] = int
+    elif get_origin(inner) is list:  # vLLM's `--lora-modules a=/x b=/y`
+        kwargs["nargs"] = "+"
+        kwargs["metavar"] = name.upper()
     elif inner in (int, float):
         kwargs["type"] = inner
         kwargs["metavar"] = name.upper()
@@ -101,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo-model", help="build (if missing) the embedded demo model and print its path"
     )
     demo.add_argument("--rebuild", action="store_true", help="build again even if cached")
+    demo.add_argument(
+        "--lora", action="store_true",
+        help="build (if missing) the demo model's LoRA adapter instead and print its path",
+    )  # fmt: skip
     from benchmarks.cli import add_bench_parser
 
     add_bench_parser(sub)
@@ -125,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "demo-model":
         configure_logging("info")
-        return _demo_model(args.rebuild)
+        return _demo_model(args.rebuild, lora=args.lora)
     if args.command == "bench":
         from benchmarks.cli import run_bench
 
@@ -168,14 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     return serve(resolved)
 
 
-def _demo_model(rebuild: bool) -> int:
+def _demo_model(rebuild: bool, lora: bool = False) -> int:
     import shutil
 
+    from engine.demo_lora import demo_lora_path, ensure_demo_lora
     from engine.demo_model import demo_model_path, ensure_demo_model
 
     if rebuild:
-        shutil.rmtree(demo_model_path(), ignore_errors=True)
-    print(ensure_demo_model())
+        shutil.rmtree(demo_lora_path() if lora else demo_model_path(), ignore_errors=True)
+    print(ensure_demo_lora() if lora else ensure_demo_model())
     return 0
 
 

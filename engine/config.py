@@ -27,9 +27,12 @@ from pydantic import (
     model_validator,
 )
 
+from engine.adapters import AdapterError, check_adapter_name
+
 ENV_PREFIX = "CODELLAMA_SERVE_"
 DEMO_MODEL = "demo"  # what `--model` says for the embedded demo model
 DEMO_MODEL_NAME = "codellama-serve-demo"  # the name clients see for it
+DEMO_LORA = "demo"  # a --lora-modules path: the demo model's own adapter (engine/demo_lora.py)
 REAL_MODEL = "codellama/CodeLlama-13b-Instruct-hf"
 DEMO_MAX_MODEL_LEN = 2048
 CODELLAMA_MAX_MODEL_LEN = 16384
@@ -364,6 +367,115 @@ class TracingConfig(Section):
     )
 
 
+class LoRAModule(BaseModel):
+    """One adapter the server loads at start (vLLM's --lora-modules entry)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="The name clients send in `model`.")
+    path: str = Field(
+        min_length=1,
+        description=f"Directory of a PEFT LoRA adapter ('{DEMO_LORA}': the demo model's).",
+    )
+    base_model_name: str | None = Field(
+        None, description="The served base model it adapts (default: the one served)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        try:
+            return check_adapter_name(name)
+        except AdapterError as e:
+            raise ValueError(str(e)) from None
+
+
+# vLLM's accepted LoRA ranks (vllm.config.lora.MaxLoRARanks).
+LoRARank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
+
+
+class LoRAConfig(Section):
+    """LoRA adapters on the one base model: `model` selects one (vLLM's flags)."""
+
+    enable_lora: bool = Field(False, description="Serve LoRA adapters.")
+    lora_modules: list[LoRAModule] = Field(
+        default_factory=list,
+        description="Adapters to load at start, as vLLM takes them: 'name=path' items or "
+        'JSON objects ({"name": "sql", "path": "/models/sql-lora", "base_model_name": ...}), '
+        "or a JSON list of them.",
+    )
+    max_loras: int = Field(1, ge=1, description="Most adapters in one engine batch.")
+    max_lora_rank: LoRARank = Field(16, description="Largest adapter rank accepted.")
+    max_cpu_loras: int | None = Field(
+        None,
+        ge=1,
+        description="Most adapters held at once (loads past it are refused). Default: "
+        "the number of --lora-modules, plus --max-loras with runtime updating; at least "
+        "--max-loras.",
+    )
+    allow_runtime_lora_updating: bool = Field(
+        False,
+        description="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter for API "
+        "keys marked 'admin' (vLLM: VLLM_ALLOW_RUNTIME_LORA_UPDATING). Standalone only.",
+    )
+
+    @field_validator("lora_modules", mode="before")
+    @classmethod
+    def _vllm_syntax(cls, value: Any) -> Any:
+        return parse_lora_modules(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LoRAConfig:
+        if not self.enable_lora and (self.lora_modules or self.allow_runtime_lora_updating):
+            raise ValueError("--lora-modules and --allow-runtime-lora-updating need --enable-lora")
+        names = [m.name for m in self.lora_modules]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"lora_modules: duplicate adapter names {', '.join(duplicates)}")
+        held = self.max_cpu_loras
+        if held is not None and held < max(self.max_loras, len(names)):
+            raise ValueError(
+                f"max_cpu_loras ({held}) must be at least max_loras ({self.max_loras}) "
+                f"and the number of lora_modules ({len(names)})"
+            )
+        return self
+
+
+def parse_lora_modules(value: Any) -> Any:
+    """vLLM's --lora-modules forms: 'name=path', a JSON object, a JSON list of them;
+    several in one string (an env var) separated by whitespace. Mappings pass as they are."""
+    if value is None:
+        return []
+    if isinstance(value, str | dict):
+        value = [value]
+    if not isinstance(value, list):
+        return value  # pydantic reports the type
+    out: list[Any] = []
+    for item in value:
+        if isinstance(item, str):
+            out.extend(_parse_lora_module_text(item))
+        else:
+            out.append(item)
+    return out
+
+
+def _parse_lora_module_text(text: str) -> list[Any]:
+    text = text.strip()
+    if text.startswith(("{", "[")):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"invalid JSON in lora_modules: {e.msg}") from None
+        return parsed if isinstance(parsed, list) else [parsed]
+    out: list[Any] = []
+    for item in text.split():
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise ValueError(f"lora_modules item {item!r}: expected 'name=path' or JSON")
+        out.append({"name": name, "path": path})
+    return out
+
+
 class RayConfig(Section):
     """Cluster mode: Ray Serve replicas, placement and autoscaling (`serve --ray`)."""
 
@@ -629,6 +741,7 @@ class Settings(Section):
     priority: PriorityConfig = Field(default_factory=PriorityConfig)
     connections: ConnectionsConfig = Field(default_factory=ConnectionsConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     decoding: DecodingConfig = Field(default_factory=DecodingConfig)
@@ -779,6 +892,10 @@ class ResolvedSettings(BaseModel):
         return self.settings.tracing
 
     @property
+    def lora(self) -> LoRAConfig:
+        return self.settings.lora
+
+    @property
     def ray(self) -> RayConfig:
         return self.settings.ray
 
@@ -872,7 +989,36 @@ def resolve(settings: Settings, *, gpu: bool, mode: Mode = "standalone") -> Reso
             else e.max_num_seqs + a.max_waiting_requests,
         }
     )
+    lora = _resolve_lora(settings.lora, engine.served_model_name or model, demo, mode)
     resolved = settings.model_copy(
-        update={"engine": engine, "server": server, "ray": ray, "routing": routing}
+        update={"engine": engine, "server": server, "lora": lora, "ray": ray, "routing": routing}
     )
     return ResolvedSettings(settings=resolved, gpu=gpu, mode=mode)
+
+
+def _resolve_lora(lora: LoRAConfig, served_name: str, demo: bool, mode: Mode) -> LoRAConfig:
+    """How many adapters the server holds, and what no adapter may be called."""
+    if mode == "ray" and lora.allow_runtime_lora_updating:
+        # Through Ray's proxy a load would reach one replica at random, and replicas
+        # started later would never see it: in Ray, adapters are --lora-modules.
+        raise ConfigError(
+            "--allow-runtime-lora-updating works standalone only: in Ray Serve, list the "
+            "adapters every replica loads in --lora-modules"
+        )
+    for m in lora.lora_modules:
+        if m.path == DEMO_LORA and not demo:
+            raise ConfigError(
+                f"lora_modules: {m.name!r}: the demo adapter fits only the demo model"
+            )
+        if m.name == served_name:
+            raise ConfigError(f"lora_modules: {m.name!r} is the base model's served name")
+        if m.base_model_name not in (None, served_name):
+            raise ConfigError(
+                f"lora_modules: {m.name!r} names base model {m.base_model_name!r}, but this "
+                f"server serves {served_name!r}"
+            )
+    held = lora.max_cpu_loras
+    if held is None:
+        room = lora.max_loras if lora.allow_runtime_lora_updating else 0
+        held = max(lora.max_loras, len(lora.lora_modules) + room)
+    return lora.model_copy(update={"max_cpu_loras": held})

@@ -58,9 +58,9 @@ class DemoModelSpec:
     learning_rate: float = 3e-3
 
 
-def corpus_text() -> str:
+def corpus_text(modules: tuple[str, ...] = CORPUS_MODULES) -> str:
     parts = []
-    for name in CORPUS_MODULES:
+    for name in modules:
         spec = importlib.util.find_spec(name)
         if spec is None or spec.origin is None:
             raise RuntimeError(f"demo model corpus module {name!r} has no source file")

@@ -3,11 +3,13 @@
 Everything vLLM-version specific lives here, so an upgrade touches one file.
 What crosses the boundary are this module's own small types: `SamplingOptions`
 in, `StepOutput` out (with `EngineTimings` when asked for), `EngineStats` for metrics
-and health.
+and health, and LoRA adapters by name (`engine.adapters.Adapter`; vLLM's
+`LoRARequest` stays in here).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -17,7 +19,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from engine.config import ResolvedSettings
+from engine.adapters import Adapter, AdapterError, AdapterRegistry
+from engine.config import DEMO_LORA, ResolvedSettings
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +265,16 @@ def engine_args(settings: ResolvedSettings, model_path: str) -> Any:
         # series) are off; ours gets the scheduler stats (see _StatsLogger).
         disable_log_stats=True,
     )
+    lora = settings.lora
+    if lora.enable_lora:
+        kwargs.update(
+            enable_lora=True,
+            max_loras=lora.max_loras,
+            max_lora_rank=lora.max_lora_rank,
+            # The registry holds at most this many, so vLLM never evicts one (see
+            # engine.adapters).
+            max_cpu_loras=lora.max_cpu_loras,
+        )
     decoding = settings.decoding
     if decoding.speculative_config is not None:
         kwargs["speculative_config"] = decoding.speculative_config.model_dump(exclude_none=True)
@@ -363,6 +376,13 @@ class Engine:
         self._tokenizer: Any = None
         self._started = threading.Event()
         self._start_error: BaseException | None = None
+        lora = settings.lora
+        self.adapters = AdapterRegistry(
+            parent=settings.served_model_name,
+            capacity=(lora.max_cpu_loras or 0) if lora.enable_lora else 0,
+        )
+        self._static_adapters_loaded = False
+        self._removals: set[asyncio.Task[None]] = set()
 
     # -- lifecycle
 
@@ -449,19 +469,52 @@ class Engine:
     # -- requests
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], options: SamplingOptions
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        options: SamplingOptions,
+        *,
+        adapter: str | None = None,
     ) -> AsyncIterator[StepOutput]:
-        """Stream the request's new output step by step; cancelling aborts it in the engine."""
+        """Stream the request's new output step by step; cancelling aborts it in the engine.
+
+        adapter: a loaded LoRA adapter's name (AdapterNotFoundError if it is not), or the
+        base model."""
+        if not self.ready:
+            raise EngineNotReadyError("the engine is still loading")
+        params = self._sampling_params(options)
+        if adapter is None:
+            async for step in self._generate(request_id, prompt_token_ids, params, options, None):
+                yield step
+            return
+        held = self.adapters.acquire(adapter)
+        try:
+            lora = _lora_request(held)
+            async for step in self._generate(request_id, prompt_token_ids, params, options, lora):
+                yield step
+        finally:
+            if self.adapters.release(held):
+                self._remove_later(held)
+
+    async def _generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: Any,
+        options: SamplingOptions,
+        lora: Any,
+    ) -> AsyncIterator[StepOutput]:
         from vllm.exceptions import VLLMClientError
         from vllm.inputs.engine import tokens_input
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDeadError
 
-        if not self.ready:
-            raise EngineNotReadyError("the engine is still loading")
-        params = self._sampling_params(options)
         try:
             async for out in self._llm.generate(
-                tokens_input(prompt_token_ids), params, request_id, priority=options.priority
+                tokens_input(prompt_token_ids),
+                params,
+                request_id,
+                lora_request=lora,
+                priority=options.priority,
             ):
                 yield StepOutput(
                     sequences=[
@@ -496,6 +549,70 @@ class Engine:
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:
             await self._llm.abort(request_id)
+
+    # -- LoRA adapters
+
+    async def load_static_adapters(self) -> None:
+        """Load --lora-modules (once; any failure fails the start, as in vLLM)."""
+        from engine.demo_lora import ensure_demo_lora
+
+        if self._static_adapters_loaded:
+            return
+        for module in self.settings.lora.lora_modules:
+            path = module.path
+            if path == DEMO_LORA:  # built (~10 s) on first use, then cached
+                path = str(await asyncio.to_thread(ensure_demo_lora))
+            try:
+                await self.load_adapter(module.name, path, dynamic=False)
+            except AdapterError as e:
+                raise AdapterError(f"--lora-modules {module.name}={module.path}: {e}") from None
+        self._static_adapters_loaded = True
+
+    async def load_adapter(
+        self, name: str, path: str, *, dynamic: bool = True, replace: bool = False
+    ) -> Adapter:
+        """Load the PEFT adapter in directory `path` as `name` (AdapterError if it cannot be:
+        a bad name or path, not a LoRA for this model, rank above --max-lora-rank, full)."""
+        if not self.ready:
+            raise EngineNotReadyError("the engine is still loading")
+        adapter = self.adapters.begin_load(name, path, dynamic=dynamic, replace=replace)
+        try:
+            await self._llm.add_lora(_lora_request(adapter, replace=replace))
+        except Exception as e:
+            self.adapters.abort_load(adapter)
+            if self.dead:
+                raise EngineDeadError("the engine process has died") from e
+            raise AdapterError(
+                f"cannot load adapter {name!r} from {path}: {_worker_error(e)}",
+                code="adapter_load_failed",
+            ) from None
+        self.adapters.finish_load(adapter)
+        log.info("loaded LoRA adapter %r (id %d) from %s", name, adapter.id, path)
+        return adapter
+
+    async def unload_adapter(self, name: str) -> Adapter:
+        """Stop serving `name` (AdapterNotFoundError if not loaded); the engine frees it
+        now, or when its last running request ends."""
+        adapter, idle = self.adapters.retire(name)
+        if idle:
+            await self._remove(adapter)
+        return adapter
+
+    def _remove_later(self, adapter: Adapter) -> None:
+        # Called as a request's stream closes, which must not wait on the engine.
+        task = asyncio.get_running_loop().create_task(self._remove(adapter))
+        self._removals.add(task)
+        task.add_done_callback(self._removals.discard)
+
+    async def _remove(self, adapter: Adapter) -> None:
+        try:
+            if self._llm is not None:
+                await self._llm.remove_lora(adapter.id)
+            log.info("removed LoRA adapter %r (id %d)", adapter.name, adapter.id)
+        except Exception:
+            log.exception("removing LoRA adapter %r from the engine failed", adapter.name)
+        finally:
+            self.adapters.removed(adapter)
 
     def check_constraint(self, constraint: OutputConstraint) -> None:
         """Raise EngineRequestError, saying what is wrong, if the engine cannot follow
@@ -581,6 +698,29 @@ class Engine:
             logprob=chosen.logprob if chosen else float("-inf"),
             top=top,
         )
+
+
+def _lora_request(adapter: Adapter, replace: bool = False) -> Any:
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(
+        lora_name=adapter.name,
+        lora_int_id=adapter.id,
+        lora_path=adapter.path,
+        base_model_name=adapter.parent,
+        load_inplace=replace,
+    )
+
+
+# vLLM wraps a worker's exception: "Call to add_lora method failed: Worker failed with
+# error '<the cause>', please check the stack trace above for the root cause".
+_WORKER_ERROR = re.compile(r"failed with error '(.*)', please check", re.DOTALL)
+
+
+def _worker_error(exc: BaseException) -> str:
+    text = str(exc)
+    m = _WORKER_ERROR.search(text)
+    return m.group(1) if m else text or type(exc).__name__
 
 
 def _structured(constraint: OutputConstraint) -> Any:

@@ -76,6 +76,8 @@ class CodeLlamaServer:
         # Load before reporting ready, so Ray routes nothing to a loading replica.
         started = time.monotonic()
         await asyncio.to_thread(self.engine.start)
+        if self.settings.lora.enable_lora:  # every replica: the same --lora-modules
+            await self.engine.load_static_adapters()
         self.engine_started_at = time.time()
         self.prefix_cache = PrefixCacheWindow()
         log.info(

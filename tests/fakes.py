@@ -74,7 +74,12 @@ class FakeEngine:
     # -- requests
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], options: SamplingOptions
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        options: SamplingOptions,
+        *,
+        adapter: str | None = None,  # no LoRA here: the HTTP-layer tests never enable it
     ) -> AsyncIterator[StepOutput]:
         self.requests.append((request_id, prompt_token_ids, options))
         self.running.add(request_id)

@@ -35,6 +35,8 @@ CHART_OWNED: dict[tuple[str, str], str] = {
     ("auth", "api_keys_file"): "apiKeys.existingSecret",
     ("auth", "api_keys"): "apiKeys.existingSecret",
     ("routing", "ray_ingress"): "rayService.ingress",
+    ("lora", "enable_lora"): "lora.enabled",
+    ("lora", "lora_modules"): "lora.adapters",
 }
 
 SETTINGS_DESCRIPTION = (

@@ -208,6 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--trials", type=int, default=3, help="interleaved rounds per config")
     p.add_argument("--pin-client", metavar="CPUS", help="taskset CPU list for the load client")
+    p.add_argument(
+        "--client-priority",
+        type=int,
+        metavar="N",
+        help="the load client at SCHED_FIFO priority N (its tails are then the server's, not "
+        "its own waits for a CPU: docs/benchmarks.md, the 64-stream tails)",
+    )
     p.add_argument("--out", type=Path, help="report directory (default results/parity/<time>)")
     p.add_argument("--offline-worker", metavar="MODEL", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -238,13 +245,17 @@ def main(argv: list[str] | None = None) -> int:
                 if name == "offline":
                     offline_trial(t, cfg, prompts, -1)
                 else:
-                    server_trial(t, cfg, prompts_path, out, -1, args.pin_client)
+                    server_trial(
+                        t, cfg, prompts_path, out, -1, args.pin_client, args.client_priority
+                    )
             for rnd, order in rotations(names, args.trials):
                 for name in order:
                     t = targets[name]
                     trial = (
                         offline_trial(t, cfg, prompts, rnd) if name == "offline"
-                        else server_trial(t, cfg, prompts_path, out, rnd, args.pin_client)
+                        else server_trial(
+                            t, cfg, prompts_path, out, rnd, args.pin_client, args.client_priority
+                        )
                     )  # fmt: skip
                     trials.append(trial)
                     print(

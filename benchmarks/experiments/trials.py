@@ -175,6 +175,7 @@ def server_trial(
     out: Path,
     rnd: int,
     pin: str | None = None,
+    priority: int | None = None,
     extra_args: Sequence[str] = (),
 ) -> Trial:
     """One harness run against `target`; `extra_args` go to `bench run` (e.g. --temperature)."""
@@ -188,6 +189,8 @@ def server_trial(
         "--no-plots", "--no-server-metrics", "--token-check", "never", "--quiet",
         "--out", str(report_dir), *extra_args,
     )  # fmt: skip
+    if priority is not None:  # SCHED_FIFO: the client gets a CPU when it has work
+        cmd += ["--client-priority", str(priority)]
     if pin:
         cmd = ["taskset", "-c", pin, *cmd]
     fe0, en0 = target.cpu()

@@ -14,7 +14,7 @@ from benchmarks.harness.datasets import RequestItem
 from benchmarks.harness.profile.schema import RequestOptions
 from benchmarks.harness.records import RequestRecord, now
 from benchmarks.harness.sse import SSEParser, chunk_text, error_message, finish_reason
-from benchmarks.harness.transport import Transport, TransportResponse
+from benchmarks.harness.transport import ConnectionTrace, Transport, TransportResponse
 
 
 def fail(rec: RequestRecord, message: str, t0: float) -> None:
@@ -123,13 +123,16 @@ class OpenAIClient:
         path, body = build_payload(item, self.model, self.opts)
         rec.max_tokens = body.get("max_tokens")
         rec.target, rec.api_key = self.target.label, self.target.key_label
+        if rec.expected_prompt_tokens is None:
+            rec.expected_prompt_tokens = item.input_tokens
         content = orjson.dumps(body)
         url = self.target.api + path
         t0 = self.t0
+        trace = ConnectionTrace(rec, t0)
         rec.sent = now() - t0
         try:
             async with asyncio.timeout(self.opts.timeout_s):
-                async with self.http.post(url, content) as resp:
+                async with self.http.post(url, content, trace) as resp:
                     rec.first_byte = now() - t0
                     rec.status = resp.status
                     rec.replica = resp.header(REPLICA_HEADER)
@@ -171,6 +174,8 @@ class OpenAIClient:
         done = False
         async for raw in resp.chunks():
             t = now() - t0  # every event in this network read arrived now
+            if rec.first_body is None:
+                rec.first_body = t
             for data in parser.feed(raw):
                 rec.chunks += 1
                 if data == b"[DONE]":
@@ -185,17 +190,7 @@ class OpenAIClient:
                     fail(rec, f"error event in stream: {msg}", t0)
                     rec.text = "".join(texts)
                     return
-                text = chunk_text(obj)
-                if text:
-                    rec.token_times.append(t)
-                    texts.append(text)
-                reason = finish_reason(obj)
-                if reason:
-                    rec.finish_reason = reason
-                usage = obj.get("usage")
-                if usage:
-                    rec.prompt_tokens = usage.get("prompt_tokens")
-                    rec.output_tokens = usage.get("completion_tokens")
+                _take_chunk(obj, rec, t, texts)
         rec.finished = now() - t0
         rec.text = "".join(texts)
         if not done:
@@ -208,7 +203,7 @@ class OpenAIClient:
 
     async def _read_body(self, resp: TransportResponse, rec: RequestRecord) -> None:
         body = await resp.read()
-        rec.finished = now() - self.t0
+        rec.finished = rec.first_body = now() - self.t0
         rec.chunks = 1
         obj = orjson.loads(body)
         choices = obj.get("choices") or []
@@ -220,5 +215,20 @@ class OpenAIClient:
                 rec.finish_reason = c["finish_reason"]
         rec.text = "".join(texts)
         usage = obj.get("usage") or {}
+        rec.prompt_tokens = usage.get("prompt_tokens")
+        rec.output_tokens = usage.get("completion_tokens")
+
+
+def _take_chunk(obj: dict[str, Any], rec: RequestRecord, t: float, texts: list[str]) -> None:
+    """One streamed chunk's text (a token arrived at t), finish reason and usage."""
+    text = chunk_text(obj)
+    if text:
+        rec.token_times.append(t)
+        texts.append(text)
+    reason = finish_reason(obj)
+    if reason:
+        rec.finish_reason = reason
+    usage = obj.get("usage")
+    if usage:
         rec.prompt_tokens = usage.get("prompt_tokens")
         rec.output_tokens = usage.get("completion_tokens")

@@ -10,6 +10,7 @@ import math
 import resource
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from benchmarks.harness.records import now
@@ -36,6 +37,11 @@ class LoopLagMonitor:
             woke = loop_time()
             self.lags.append(woke - t - self.interval)
             self.times.append(woke)
+
+    def add(self, times: list[float], lags: list[float]) -> None:
+        """Lags another process's monitor saw (--workers): one clock, so they merge."""
+        self.times += times
+        self.lags += lags
 
     def between(self, a: float, b: float) -> list[float]:
         """Lags seen in [a, b] (perf_counter times)."""
@@ -86,19 +92,36 @@ class GCFreezer:
         gc.unfreeze()
 
 
+def run_delay_s() -> float | None:
+    """Seconds this process's threads spent runnable but waiting for a CPU (Linux).
+
+    /proc/self/schedstat's second field, for the main thread: the time the
+    scheduler kept it off-CPU while it had work. When the client's clock stops
+    for long stretches but its CPU time does not grow, this says whether it was
+    starved of CPU (this grows) or blocked in a call (it does not).
+    """
+    try:
+        return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 @dataclass
 class CPUMeter:
-    """The client process's own CPU time over a span (user + system)."""
+    """The client process's own CPU time over a span (user + system), and its wait for one."""
 
     wall0: float = 0.0
     cpu0: float = 0.0
     ru0: Any = None
+    delay0: float | None = None
 
     def start(self) -> None:
         self.wall0, self.cpu0 = now(), time.process_time()
         self.ru0 = resource.getrusage(resource.RUSAGE_SELF)
+        self.delay0 = run_delay_s()
 
     def stop(self) -> dict[str, float]:
+        delay = run_delay_s() if self.delay0 is not None else None
         wall = now() - self.wall0
         cpu = time.process_time() - self.cpu0
         ru = resource.getrusage(resource.RUSAGE_SELF)
@@ -110,4 +133,10 @@ class CPUMeter:
             "cpu_utilization": cpu / wall if wall > 0 else math.nan,
             "voluntary_ctx_switches": ru.ru_nvcsw - self.ru0.ru_nvcsw,
             "involuntary_ctx_switches": ru.ru_nivcsw - self.ru0.ru_nivcsw,
+            "major_page_faults": ru.ru_majflt - self.ru0.ru_majflt,
+            **(
+                {"run_delay_s": delay - self.delay0}
+                if delay is not None and self.delay0 is not None
+                else {}
+            ),
         }

@@ -1,9 +1,12 @@
-"""Compare mode: one profile against several endpoints, interleaved A, B, A, B …
+"""Compare mode: one profile against several endpoints, interleaved, the order rotated.
 
 Interleaving trials (rather than all of A, then all of B) makes slow drift of
-the machine (thermal, noisy neighbours, caches) land on every target alike.
-The table reports each target's mean over trials, its spread, and the ratio
-to the first target (the baseline).
+the machine (thermal, noisy neighbours, caches) land on every target alike, and
+rotating the order each round (A B, B A, …) keeps "always second" from being a
+bias of its own. The table reports each target's median over trials and its
+spread, and per target the median of its trial-by-trial ratio to the first
+target (the baseline) with a bootstrap 95 % interval: an interval that contains
+1 is "no significant difference".
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from benchmarks.harness.report.plots import plot_cdfs
 from benchmarks.harness.report.write import write_run_report
 from benchmarks.harness.results import RunResult
 from benchmarks.harness.runner import Runner
+from benchmarks.harness.stats import paired_ratio
 
 # (key, label, higher is better)
 COMPARE_METRICS: tuple[tuple[str, str, bool], ...] = (
@@ -54,21 +58,25 @@ class Comparison:
         rows = []
         for key, label, higher in COMPARE_METRICS:
             row: dict[str, Any] = {"metric": key, "label": label, "higher_is_better": higher}
-            base_mean = None
+            per_trial = {
+                t.label: [r.summary.get(key) for r in self.results.get(t.label, [])]
+                for t in self.targets
+            }
             for t in self.targets:
-                runs = self.results.get(t.label, [])
-                vals = [v for r in runs if (v := r.summary.get(key)) is not None]
-                mean = float(np.mean(vals)) if vals else None
+                vals = [v for v in per_trial[t.label] if v is not None]
                 row[t.label] = {
-                    "mean": mean,
+                    "median": float(np.median(vals)) if vals else None,
+                    "mean": float(np.mean(vals)) if vals else None,
                     "min": min(vals) if vals else None,
                     "max": max(vals) if vals else None,
-                    "trials": vals,
+                    "trials": per_trial[t.label],
                 }
                 if t.label == base:
-                    base_mean = mean
-                if mean is not None and base_mean:
-                    row[t.label]["ratio_to_baseline"] = mean / base_mean
+                    row[t.label]["ratio_to_baseline"] = 1.0 if vals else None
+                else:
+                    ratio = paired_ratio(per_trial[base], per_trial[t.label])
+                    row[t.label]["ratio_to_baseline"] = ratio["median"]
+                    row[t.label]["ratio"] = ratio
             rows.append(row)
         return rows
 
@@ -87,7 +95,8 @@ async def compare(
         raise ValueError(f"target names must differ: {labels}")
     cmp = Comparison(profile, list(targets), trials, results={t.label: [] for t in targets})
     for trial in range(trials):
-        for t in targets:  # A, B, A, B, …
+        k = trial % len(targets)
+        for t in [*targets[k:], *targets[:k]]:  # A B, B A, … (three: A B C, B C A, C A B)
             log(f"trial {trial + 1}/{trials}: {t.label}")
             res = await Runner(profile, t, log=log, **(runner_kwargs or {})).run()
             cmp.results[t.label].append(res)
@@ -101,8 +110,10 @@ def comparison_markdown(cmp: Comparison) -> str:
     lines = [
         f"# Comparison `{cmp.profile.name}`: {' vs '.join(names)}",
         "",
-        f"{cmp.trials} interleaved trials per target (order: {', '.join(cmp.order)}). "
-        f"Mean over trials [min–max]; ratio = target / {base}.",
+        f"{cmp.trials} interleaved trials per target, the order rotated each round "
+        f"({', '.join(cmp.order)}). Median over trials [min–max]; ratio = target / {base}, "
+        "trial by trial: their median and bootstrap 95 % interval (an interval that contains "
+        "1 is no significant difference).",
         "",
         "| Metric | "
         + " | ".join(names)
@@ -115,15 +126,8 @@ def comparison_markdown(cmp: Comparison) -> str:
         cells = []
         for n in names:
             c = row[n]
-            cells.append(f"{f(c['mean'], 2)} [{f(c['min'], 2)}–{f(c['max'], 2)}]")
-        ratios = []
-        for n in names[1:]:
-            r = row[n].get("ratio_to_baseline")
-            if r is None:
-                ratios.append("–")
-            else:
-                better = (r > 1) == row["higher_is_better"] and abs(r - 1) > 1e-9
-                ratios.append(f"{r:.3f}" + (" ✓" if better else ""))
+            cells.append(f"{f(c['median'], 2)} [{f(c['min'], 2)}–{f(c['max'], 2)}]")
+        ratios = [ratio_cell(row[n].get("ratio"), row["higher_is_better"]) for n in names[1:]]
         lines.append(f"| {row['label']} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
     flagged = [
         f"{label} trial {i + 1}"
@@ -141,6 +145,18 @@ def comparison_markdown(cmp: Comparison) -> str:
     if any(failed.values()):
         lines += ["", "Failed requests: " + ", ".join(f"{k}: {v}" for k, v in failed.items())]
     return "\n".join(lines) + "\n"
+
+
+def ratio_cell(ratio: dict[str, Any] | None, higher_is_better: bool) -> str:
+    """`1.042 [0.98–1.11] no significant difference`, or with ✓ where the target is better."""
+    if not ratio or ratio.get("median") is None:
+        return "–"
+    r, (lo, hi) = ratio["median"], ratio["ci95"]
+    text = f"{r:.3f} [{lo:.3f}–{hi:.3f}]"
+    if not ratio["significant"]:
+        return text + " no significant difference"
+    better = (r > 1) == higher_is_better
+    return text + (" ✓ better" if better else " worse")
 
 
 def write_comparison(

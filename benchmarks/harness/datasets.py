@@ -215,11 +215,17 @@ def jsonl_items(path: Path) -> list[RequestItem]:
                     messages=tuple(msgs) if msgs is not None else None,
                     suffix=row.get("suffix"),
                     max_tokens=int(max_tokens) if max_tokens is not None else None,
+                    # As `export-dataset` writes it: checked against the server's usage.
+                    input_tokens=_opt_int(row.get("input_tokens")),
                 )
             )
     if not out:
         raise ValueError(f"{path}: no rows")
     return out
+
+
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else int(v)
 
 
 def trace_items(
@@ -292,6 +298,24 @@ def _items_of(
         assert spec.path is not None
         items = jsonl_items(spec.path)
     return items
+
+
+def length_fitter(tokenizer: Any, seed: int) -> Any:
+    """(text, total tokens as the server counts them) -> text of that length, its length.
+
+    For salted prompts of an exact length: the salt stays at the front, the end of the
+    text is trimmed (or padded) until it re-encodes to the target.
+    """
+    special = int(tokenizer.num_special_tokens_to_add())
+    allowed = _allowed_ids(tokenizer)
+    rng = np.random.default_rng(seed)
+
+    def fit(text: str, total: int) -> tuple[str, int]:
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        out, n = text_of_length(tokenizer, ids, max(1, total - special), rng, allowed)
+        return out, n + special
+
+    return fit
 
 
 def cycle(items: list[RequestItem]) -> Iterator[RequestItem]:

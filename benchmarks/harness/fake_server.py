@@ -335,6 +335,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token-delay-ms", type=float, default=0.0, help="delay between tokens")
     p.add_argument("--capacity", type=int, default=None, help="max requests served at once")
     p.add_argument("--model", default="fake-model")
+    p.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="bind with SO_REUSEPORT, so several fake-server processes share one port "
+        "(the kernel spreads connections over them; `bench selftest` uses it)",
+    )
     p.add_argument("--reject-suffix", action="store_true", help="answer 400 to `suffix` (as vLLM)")
     p.add_argument(
         "--answers", choices=["words", "oracle", "wrong"], default="words",
@@ -361,10 +367,18 @@ def serve(args: argparse.Namespace) -> int:
         loop = "uvloop"
     except ImportError:
         loop = "asyncio"
+    where: dict[str, Any] = {"host": args.host, "port": args.port}
+    if getattr(args, "reuse_port", False):
+        import socket
+
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((args.host, args.port))
+        where = {"fd": sock.fileno()}
     uvicorn.run(
         app,
-        host=args.host,
-        port=args.port,
+        **where,
         log_level="warning",
         access_log=False,
         loop=loop,

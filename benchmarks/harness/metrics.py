@@ -2,10 +2,11 @@
 throughputs, goodput, schedule lag, and the coordinated-omission check.
 
 Definitions (docs/benchmarks.md has the long form):
-  TTFT  first chunk carrying generated text - sent (role-only/empty chunks do not count)
+  start when the request could have been written: sent + its wait for a pooled connection
+  TTFT  first chunk carrying generated text - start (role-only/empty chunks do not count)
   TPOT  (last token chunk - first token chunk) / (output tokens - 1), per request
   ITL   every gap between consecutive token-bearing chunks, pooled over requests
-  E2E   end of the response ([DONE] / body read) - sent
+  E2E   end of the response ([DONE] / body read) - start
 Summary keys follow vLLM's `bench serve --save-result` (`mean_ttft_ms`, ...).
 """
 
@@ -28,9 +29,11 @@ LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el")
 
 
 def ttft(r: RequestRecord) -> float | None:
-    if not r.ok or not r.token_times or r.sent is None:
+    """First token - start: the client's wait for a pooled connection is not in it."""
+    start = r.start
+    if not r.ok or not r.token_times or start is None:
         return None
-    return r.token_times[0] - r.sent
+    return r.token_times[0] - start
 
 
 def tpot(r: RequestRecord) -> float | None:
@@ -48,9 +51,23 @@ def itls(r: RequestRecord) -> np.ndarray:
 
 
 def e2e(r: RequestRecord) -> float | None:
-    if not r.ok or r.sent is None or r.finished is None:
+    start = r.start
+    if not r.ok or start is None or r.finished is None:
         return None
-    return r.finished - r.sent
+    return r.finished - start
+
+
+def ttft_from_schedule(r: RequestRecord) -> float | None:
+    """What a user arriving on schedule waited for the first token (open loop)."""
+    if not r.ok or not r.token_times or r.scheduled is None:
+        return None
+    return r.token_times[0] - r.scheduled
+
+
+def e2e_from_schedule(r: RequestRecord) -> float | None:
+    if not r.ok or r.finished is None or r.scheduled is None:
+        return None
+    return r.finished - r.scheduled
 
 
 def lag(r: RequestRecord) -> float | None:
@@ -60,27 +77,21 @@ def lag(r: RequestRecord) -> float | None:
     return r.sent - r.scheduled
 
 
-def meets_slo(r: RequestRecord, slo: SLO) -> bool:
+def meets_slo(r: RequestRecord, slo: SLO, from_schedule: bool = False) -> bool:
     """A finished request within every SLO that is set.
 
-    TPOT of a 0/1-token output counts as 0 (as vLLM does); a TTFT SLO cannot
-    be met by an unstreamed request (no first token is observed).
+    A metric the request does not have fails its SLO: an unstreamed request has
+    no TTFT, a 0/1-token output no TPOT. With `from_schedule` (open loop) TTFT
+    and E2E count from the scheduled send, as the user arriving then saw them,
+    so a client that falls behind cannot make goodput look better.
     """
     if not r.ok:
         return False
-    if slo.ttft_ms is not None:
-        t = ttft(r)
-        if t is None or t * MS > slo.ttft_ms:
-            return False
-    if slo.tpot_ms is not None:
-        t = tpot(r) or 0.0
-        if t * MS > slo.tpot_ms:
-            return False
-    if slo.e2e_ms is not None:
-        t = e2e(r)
-        if t is None or t * MS > slo.e2e_ms:
-            return False
-    return True
+    first, end = (ttft_from_schedule, e2e_from_schedule) if from_schedule else (ttft, e2e)
+    return all(
+        limit is None or ((t := metric(r)) is not None and t * MS <= limit)
+        for limit, metric in ((slo.ttft_ms, first), (slo.tpot_ms, tpot), (slo.e2e_ms, end))
+    )
 
 
 # ---------------------------------------------------------------- distributions
@@ -173,7 +184,7 @@ def summarize(
     total_out = sum(r.out_tokens or 0 for r in ok)
     out_in_window = output_tokens_in(everything, a, b)
     in_in_window = sum(r.prompt_tokens or 0 for r in finished_ok)
-    good = sum(1 for r in ok if meets_slo(r, slo)) if slo.any else None
+    good = sum(1 for r in ok if meets_slo(r, slo, from_schedule=open_loop)) if slo.any else None
 
     s: dict[str, Any] = {
         # vLLM `bench serve --save-result` keys first, same names and units.
@@ -199,11 +210,80 @@ def summarize(
     s["cancelled"] = len(sent) - len(records)
     s["good_requests"] = good
     s["slo"] = slo.model_dump(exclude_none=True) or None
+    s["goodput_from"] = ("schedule" if open_loop else "start") if slo.any else None
     s["errors"] = error_summary(failed)
     s["streamed_without_tokens"] = sum(1 for r in ok if not r.token_times and r.chunks > 1)
     s |= token_accounting(ok)
+    s["prompt_check"] = prompt_check(ok)
+    # The load applied counts every request sent, cancelled ones too: their
+    # connection waits and schedule lag are the client's all the same.
     s["load"] = load_stats(sent, open_loop, th, percentiles, offered)
+    s["latency_breakdown"] = latency_breakdown(records, percentiles)
     return s
+
+
+def prompt_check(ok: Sequence[RequestRecord]) -> dict[str, Any] | None:
+    """The prompt lengths the client meant against what the server counted (`usage`)."""
+    both = [
+        (r.expected_prompt_tokens, r.prompt_tokens)
+        for r in ok
+        if r.expected_prompt_tokens is not None and r.prompt_tokens is not None
+    ]
+    if not both:
+        return None
+    diffs = [got - meant for meant, got in both]
+    return {
+        "checked": len(both),
+        "mismatched": sum(1 for d in diffs if d),
+        "expected_total": sum(meant for meant, _ in both),
+        "server_total": sum(got for _, got in both),
+        "max_abs_diff": max(abs(d) for d in diffs),
+    }
+
+
+# (key, label, from, to) of each part of a request's life, as the client saw it.
+BREAKDOWN: tuple[tuple[str, str, str, str], ...] = (
+    ("pool_wait", "wait for a pooled connection (client)", "sent", "conn_acquired"),
+    ("connect", "TCP connect (new connections)", "connect_start", "connected"),
+    ("write", "request written", "start", "written"),
+    ("to_headers", "written → response headers", "written", "first_byte"),
+    ("to_first_token", "headers → first token (server queue + prefill)", "first_byte", "first"),
+    ("decode", "first → last token (decode)", "first", "last"),
+    ("tail", "last token → end of response", "last", "finished"),
+)
+
+
+def _stamp(r: RequestRecord, name: str) -> float | None:
+    if name == "first":
+        return r.token_times[0] if r.token_times else None
+    if name == "last":
+        return r.token_times[-1] if r.token_times else None
+    if name == "conn_acquired" and r.conn_acquired is None and r.sent is not None:
+        return r.sent + r.conn_wait  # (a transport without hooks: what is known)
+    value: float | None = getattr(r, name)
+    return value
+
+
+def latency_breakdown(records: Sequence[RequestRecord], percentiles: Sequence[float]) -> dict:
+    """Each part of the successful requests' life, from the client's own timestamps."""
+    ok = [r for r in records if r.ok]
+    out: dict[str, Any] = {"new_connections": sum(1 for r in ok if r.new_connection)}
+    for key, label, a, b in BREAKDOWN:
+        spans = []
+        for r in ok:
+            ta, tb = _stamp(r, a), _stamp(r, b)
+            if ta is not None and tb is not None:
+                spans.append(max(0.0, tb - ta))
+        d = distribution(spans, key, percentiles)
+        out[key] = {
+            "label": label,
+            "count": len(spans),
+            "mean_ms": d[f"mean_{key}_ms"],
+            "median_ms": d[f"median_{key}_ms"],
+            **{f"p{pct_key(p)}_ms": d[f"p{pct_key(p)}_{key}_ms"] for p in percentiles},
+            "max_ms": max(spans) * MS if spans else None,
+        }
+    return out
 
 
 def error_summary(failed: Sequence[RequestRecord], top: int = 10) -> list[dict[str, Any]]:
@@ -259,10 +339,15 @@ def load_stats(
     # Finishes per second over their own span: unlike request_throughput it is
     # not diluted by the drain at the end, so it compares with the send rate.
     out["completion_rate"] = _span_rate([r.finished for r in records if r.ok and r.finished])
+    waits = connection_wait_stats(records, th)
+    out["connection_wait_ms"] = waits
     if not open_loop:
         # Closed loop: each worker waits for its own answer, so there is no
-        # schedule to fall behind; what the client adds is its turnaround.
-        out["coordinated_omission"] = None
+        # schedule to fall behind; what the client adds is its turnaround —
+        # unless its requests queued for a connection inside the client.
+        reasons = [waits["reason"]] if waits.get("reason") else []
+        out["coordinated_omission"] = True if reasons else None
+        out["coordinated_omission_reasons"] = reasons
         return out
     scheduled = [r.scheduled for r in records if r.scheduled is not None]
     lags = [x for x in (lag(r) for r in records) if x is not None]
@@ -272,17 +357,8 @@ def load_stats(
     out["max_schedule_lag_ms"] = max(lags) * MS if lags else None
     # Latency measured from when the request *should* have left: what a user
     # arriving on schedule would have seen (the coordinated-omission correction).
-    ok = [(r, r.scheduled) for r in records if r.ok and r.scheduled is not None]
-    out |= distribution(
-        (r.token_times[0] - sched for r, sched in ok if r.token_times),
-        "ttft_from_schedule",
-        percentiles,
-    )
-    out |= distribution(
-        (r.finished - sched for r, sched in ok if r.finished is not None),  # (every ok one has)
-        "e2el_from_schedule",
-        percentiles,
-    )
+    out |= distribution((ttft_from_schedule(r) for r in records), "ttft_from_schedule", percentiles)
+    out |= distribution((e2e_from_schedule(r) for r in records), "e2el_from_schedule", percentiles)
     reasons = []
     # More than 1 % of the requests sent later than the threshold (the lag p99
     # is above it) — and at least two, so that in a short run one hiccup of
@@ -302,8 +378,36 @@ def load_stats(
         )
     if out["unsent"]:
         reasons.append(f"{out['unsent']} scheduled requests were never sent")
+    if waits.get("reason"):
+        reasons.append(waits["reason"])
     out["coordinated_omission"] = bool(reasons)
     out["coordinated_omission_reasons"] = reasons
+    return out
+
+
+def connection_wait_stats(records: Sequence[RequestRecord], th: Thresholds) -> dict[str, Any]:
+    """How long requests queued for a connection in the client's own pool.
+
+    A wait over `max_connection_wait_ms` is client-side queueing: the server
+    never saw that request while it waited, so the run is flagged.
+    """
+    waits = np.fromiter((r.conn_wait for r in records if r.sent is not None), dtype=float)
+    if waits.size == 0:
+        return {"p50": None, "p99": None, "max": None, "mean": None, "over_threshold": 0}
+    over = int(np.sum(waits * MS > th.max_connection_wait_ms))
+    out: dict[str, Any] = {
+        "p50": float(np.percentile(waits, 50) * MS),
+        "p99": float(np.percentile(waits, 99) * MS),
+        "max": float(waits.max() * MS),
+        "mean": float(waits.mean() * MS),
+        "over_threshold": over,
+    }
+    if over:
+        out["reason"] = (
+            f"connection wait: {over} of {waits.size} requests waited more than "
+            f"{th.max_connection_wait_ms:g} ms for a connection in the client's pool "
+            f"(max {out['max']:.1f} ms): client-side queueing"
+        )
     return out
 
 

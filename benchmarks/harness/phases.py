@@ -1,6 +1,6 @@
-"""Running phases of load: a dispatcher that fires each open-loop request at its absolute
-time, closed-loop workers, the server's scrapes at window boundaries, and each window's
-summary.
+"""Running phases of load: the requests and their records, the load loops (loops.py) in
+this process or in --workers processes (workers.py), the server's scrapes at window
+boundaries, and each window's summary.
 
 Open loop: the whole schedule is computed first (plans.py); a dispatcher sleeps
 until each absolute send time (`start + offset`) and fires the request as its own
@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from benchmarks.harness.client import OpenAIClient
 from benchmarks.harness.client_health import LoopLagMonitor
 from benchmarks.harness.datasets import RequestItem
+from benchmarks.harness.loops import ClosedLoop, dispatch, run_open
 from benchmarks.harness.metrics import loop_lag_stats, summarize
 from benchmarks.harness.plans import ClosedPlan, OpenPlan, Window
 from benchmarks.harness.profile.schema import Profile
@@ -36,28 +36,14 @@ from benchmarks.harness.server_metrics import (
     gauge_stats,
     gauges_of,
 )
+from benchmarks.harness.workers import JobResult, WorkerPool
+
+__all__ = ["Phase", "PhaseRunner", "dispatch"]
 
 SCHEDULE_LEAD_S = 0.005  # the schedule starts a moment after it is built
-
-
-async def dispatch(
-    offsets: Sequence[float],
-    start: float,
-    fire: Callable[[int], None],
-    *,
-    clock: Callable[[], float] = now,
-    sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
-) -> None:
-    """Call fire(i) at clock time start + offsets[i], for each i in order.
-
-    Each wait is computed from the absolute target, never from the previous
-    send: oversleeping delays one request, not every request after it.
-    """
-    for i, off in enumerate(offsets):
-        delay = start + off - clock()
-        if delay > 0:
-            await sleep(delay)
-        fire(i)
+# With --workers the schedule goes to other processes first (pickled items and records):
+# it starts later, so that every worker has it before its first send.
+WORKERS_LEAD_S = 0.25
 
 
 @dataclass
@@ -81,6 +67,7 @@ class PhaseRunner:
     monitor: LoopLagMonitor
     progress: Progress
     t0: float  # the run's start: record times are seconds from it
+    pool: WorkerPool | None = None  # --workers: load from other processes
     records: list[RequestRecord] = field(default_factory=list)
     phases: list[Phase] = field(default_factory=list)
 
@@ -140,90 +127,89 @@ class PhaseRunner:
         offsets, windows = plan.offsets, plan.windows
         before = await self._settled_snapshot()
         cpu0, wall0 = time.process_time(), now()
-        base = now() - self.t0 + SCHEDULE_LEAD_S
+        lead = WORKERS_LEAD_S if self.pool else SCHEDULE_LEAD_S
+        base = now() - self.t0 + lead
         starts = np.array([w.start for w in windows])
         which = np.searchsorted(starts, offsets, side="right") - 1
         sends = []
         for off, w in zip(offsets.tolist(), which.tolist(), strict=True):
             item = next(items)
             sends.append((item, self._new_record(item, step_base + w, base + off)))
-        sem = asyncio.Semaphore(plan.max_concurrency) if plan.max_concurrency else None
-        tasks: list[asyncio.Task[None]] = []
-
-        def fire(i: int) -> None:
-            item, rec = sends[i]
-            tasks.append(asyncio.create_task(self._send(item, rec, sem)))
-
         boundaries = asyncio.create_task(self._snapshots_at([base + s for s in starts[1:]]))
+        worker_cpu = 0.0
         try:
-            await dispatch(offsets.tolist(), self.t0 + base, fire)
-            await asyncio.gather(*tasks)
+            if self.pool is None:
+                sem = asyncio.Semaphore(plan.max_concurrency) if plan.max_concurrency else None
+
+                async def send(i: int) -> None:
+                    await self._send(*sends[i], sem)
+
+                await run_open(send, offsets.tolist(), self.t0 + base)
+            else:
+                results = await self.pool.run_open(
+                    self.t0, self.t0 + base, sends, offsets.tolist(), plan.max_concurrency
+                )
+                worker_cpu = self._merge(results)
             mid = await boundaries
         finally:
-            for t in (*tasks, boundaries):
-                t.cancel()
-            await asyncio.gather(*tasks, boundaries, return_exceptions=True)
-        cpu, wall = time.process_time() - cpu0, now() - wall0
+            boundaries.cancel()
+            await asyncio.gather(boundaries, return_exceptions=True)
+        cpu, wall = time.process_time() - cpu0 + worker_cpu, now() - wall0
         after = await self._settled_snapshot()
-        phase = Phase([r for _, r in sends], base, windows, [before, *mid, after], True, cpu, wall)
+        recs = [self.records[r.index] for _, r in sends]
+        phase = Phase(recs, base, windows, [before, *mid, after], True, cpu, wall)
         self.phases.append(phase)
         return phase
+
+    def _merge(self, results: list[JobResult]) -> float:
+        """Worker processes' records into the run (in place of the ones sent); their CPU."""
+        new: list[RequestRecord] = []
+        for res in results:
+            for r in res.records:
+                if r.index < 0:  # a closed loop's: numbered below, in order of sending
+                    new.append(r)
+                else:
+                    self.records[r.index] = r
+                self.progress.done(r.ok)
+            self.monitor.add(res.lag_times, res.lags)
+        for r in sorted(new, key=lambda r: (r.sent is None, r.sent or 0.0)):
+            r.index = len(self.records)
+            self.records.append(r)
+        return sum(res.cpu_s for res in results)
 
     async def closed_phase(
         self, plan: ClosedPlan, items: Iterator[RequestItem], step_base: int
     ) -> Phase:
         """Workers send back-to-back; window k runs spec[k] = (duration, concurrency)."""
-        spec, windows, num_requests = plan.spec, plan.windows, plan.num_requests
         before = await self._settled_snapshot()
         cpu0, wall0 = time.process_time(), now()
         base = now() - self.t0
-        starts = [w.start for w in windows]
-        durations = [d for d, _ in spec if d is not None]
-        end = self.t0 + base + sum(durations) if len(durations) == len(spec) else None
-        state = {"window": 0, "sent": 0}
-        changed = asyncio.Event()
-        recs: list[RequestRecord] = []
-
-        def over() -> bool:
-            if end is not None and now() >= end:
-                return True
-            return num_requests is not None and state["sent"] >= num_requests
-
-        async def worker(k: int) -> None:
-            while not over():
-                if k >= spec[state["window"]][1]:
-                    # Idle in this window (concurrency went down): wait for a change.
-                    changed.clear()
-                    await changed.wait()
-                    continue
-                state["sent"] += 1
-                item = next(items)
-                rec = self._new_record(item, step_base + state["window"], None)
-                recs.append(rec)
-                await self._send(item, rec, None)
-
-        async def controller() -> None:
-            for k in range(1, len(spec)):
-                await asyncio.sleep(max(0.0, self.t0 + base + starts[k] - now()))
-                state["window"] = k
-                changed.set()
-            if end is not None:
-                await asyncio.sleep(max(0.0, end - now()))
-                changed.set()
-
+        starts = [w.start for w in plan.windows]
         boundaries = asyncio.create_task(self._snapshots_at([base + s for s in starts[1:]]))
-        ctl = asyncio.create_task(controller())
-        workers = [asyncio.create_task(worker(k)) for k in range(max(c for _, c in spec))]
+        first = len(self.records)
+        worker_cpu = 0.0
         try:
-            await asyncio.gather(*workers)
+            if self.pool is None:
+
+                async def send(window: int) -> None:
+                    item = next(items)
+                    await self._send(item, self._new_record(item, step_base + window, None), None)
+
+                loop = ClosedLoop(plan.spec, starts, self.t0 + base, plan.num_requests, send)
+                await loop.run()
+            else:
+                results = await self.pool.run_closed(
+                    self.t0, self.t0 + base, plan.spec, starts, plan.num_requests, step_base, items
+                )
+                worker_cpu = self._merge(results)
             mid = await boundaries
         finally:
-            for t in (*workers, ctl, boundaries):
-                t.cancel()
-            await asyncio.gather(*workers, ctl, boundaries, return_exceptions=True)
-        cpu, wall = time.process_time() - cpu0, now() - wall0
+            boundaries.cancel()
+            await asyncio.gather(boundaries, return_exceptions=True)
+        cpu, wall = time.process_time() - cpu0 + worker_cpu, now() - wall0
         after = await self._settled_snapshot()
-        phase = Phase(recs, base, windows, [before, *mid, after], False, cpu, wall)
+        recs = self.records[first:]
+        phase = Phase(recs, base, plan.windows, [before, *mid, after], False, cpu, wall)
         self.phases.append(phase)
         return phase
 

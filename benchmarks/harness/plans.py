@@ -69,8 +69,14 @@ def offered_rate(load: OpenLoopFields, rate: float) -> dict[str, Any]:
     }
 
 
-def peak_concurrency(p: Profile) -> int:
-    """Connections the pool must allow (a guess for open loops: rate × 8 s)."""
+def peak_concurrency(p: Profile) -> int | None:
+    """Requests the load can have in flight at once; None: whatever the schedule brings.
+
+    The client's connection pool is sized from this: an open loop's pool must never
+    cap below what its schedule needs (a request waiting for a connection is queued
+    by the client, not the server), and that is not known before the server has
+    answered, so it gets no limit (unless the profile caps requests in flight).
+    """
     load = p.load
     if isinstance(load, ConcurrentLoad):
         return load.concurrency
@@ -78,13 +84,12 @@ def peak_concurrency(p: Profile) -> int:
         return max(s.concurrency or 1 for s in load.steps)
     if isinstance(load, SessionsLoad):  # at most one request in flight per session
         return load.sessions
-    cap = getattr(load, "max_concurrency", None)
-    if cap:
-        return cap
-    return int(min(4096, max(64, _peak_rate(load) * 8)))
+    cap: int | None = getattr(load, "max_concurrency", None)
+    return cap
 
 
-def _peak_rate(load: RateLoad | StepsLoad | RampLoad | SweepLoad | TraceLoad) -> float:
+def peak_rate(load: RateLoad | StepsLoad | RampLoad | SweepLoad | TraceLoad) -> float | None:
+    """The highest rate an open loop plans (req/s); None for a trace."""
     if isinstance(load, RateLoad):
         return load.rate
     if isinstance(load, StepsLoad):
@@ -93,7 +98,43 @@ def _peak_rate(load: RateLoad | StepsLoad | RampLoad | SweepLoad | TraceLoad) ->
         return max(load.start_rate, load.end_rate)
     if isinstance(load, SweepLoad):
         return max(load.rate_list())
-    return 64.0
+    return None
+
+
+def describe_load(p: Profile) -> str:
+    """The load a profile applies, in words: what the report prints (flags included)."""
+    load = p.load
+    if isinstance(load, ConcurrentLoad):
+        text = f"closed loop, {load.concurrency} in flight"
+    elif isinstance(load, RateLoad):
+        text = f"open loop, {load.arrival} arrivals at {load.rate:g} req/s"
+    elif isinstance(load, StepsLoad):
+        values = [s.concurrency if load.closed else s.rate for s in load.steps]
+        kind = "closed-loop concurrency" if load.closed else "open-loop rate (req/s)"
+        text = f"{kind} steps {' → '.join(f'{v:g}' for v in values if v is not None)}"
+    elif isinstance(load, RampLoad):
+        text = f"open loop, rate ramping {load.start_rate:g} → {load.end_rate:g} req/s"
+        text += f" over {load.duration_s:g} s"
+    elif isinstance(load, SweepLoad):
+        text = f"sweep of open-loop rates {', '.join(f'{r:g}' for r in load.rate_list())} req/s"
+    elif isinstance(load, SessionsLoad):
+        text = f"{load.sessions} {p.dataset.type} sessions, started over {load.stagger_s:g} s"
+    else:
+        text = f"trace {load.path.name} replayed (time × {load.time_scale:g})"
+    if isinstance(load, OpenLoopFields) and load.arrival == "gamma":
+        text += f" (burstiness {load.burstiness:g})"
+    cap = getattr(load, "max_concurrency", None)
+    if cap:
+        text += f", at most {cap} in flight"
+    bounds = [f"{p.num_requests} requests"] if p.num_requests else []
+    bounds += [f"{p.duration_s:g} s"] if p.duration_s else []
+    if bounds and isinstance(load, ConcurrentLoad | RateLoad | SessionsLoad):
+        text += (
+            f", {' or '.join(bounds)} (whichever ends first)"
+            if len(bounds) > 1
+            else (f", {bounds[0]}")
+        )
+    return text
 
 
 def single_plan(p: Profile, trace: list[TraceEntry] | None) -> OpenPlan | ClosedPlan:

@@ -19,8 +19,15 @@ class RequestRecord:
     item_id: str
     step: int = 0
     scheduled: float | None = None  # open loop: when it should have been sent
-    sent: float | None = None  # when it was handed to the HTTP client
-    first_byte: float | None = None  # response headers received
+    sent: float | None = None  # when it was handed to the HTTP client (connection requested)
+    # From the HTTP library's tracing hooks (aiohttp.TraceConfig; httpcore's trace for httpx):
+    conn_acquired: float | None = None  # a pooled connection was handed to the request
+    conn_wait: float = 0.0  # of that, time queued for a free slot in the client's pool
+    connect_start: float | None = None  # a new TCP connection was opened ...
+    connected: float | None = None  # ... and established (None: a kept-alive one was reused)
+    written: float | None = None  # the request (headers and body) was written to the socket
+    first_byte: float | None = None  # the response's first bytes: its status line and headers
+    first_body: float | None = None  # the first read of the response body
     token_times: list[float] = field(default_factory=list)  # chunks carrying generated text
     chunks: int = 0  # all data events (role-only, empty, usage included)
     finished: float | None = None  # stream ended ([DONE] / body read) or failed
@@ -30,6 +37,8 @@ class RequestRecord:
     output_tokens: int | None = None  # from the server's usage
     retok_output_tokens: int | None = None  # re-tokenized generated text
     max_tokens: int | None = None
+    expected_prompt_tokens: int | None = None  # the prompt's own length, where known
+    worker: int = 0  # the load-generator process that sent it (--workers)
     finish_reason: str | None = None
     text: str = ""
     # Who sent it and who answered: for splitting one run's requests (by key, by replica).
@@ -44,6 +53,16 @@ class RequestRecord:
     @property
     def ok(self) -> bool:
         return self.error is None and self.finished is not None and not self.cancelled
+
+    @property
+    def start(self) -> float | None:
+        """When the request could have been written: sent, plus any wait for a pooled
+        connection. Latencies count from here; the pool wait is reported apart."""
+        return None if self.sent is None else self.sent + self.conn_wait
+
+    @property
+    def new_connection(self) -> bool:
+        return self.connected is not None
 
     @property
     def out_tokens(self) -> int | None:

@@ -39,6 +39,8 @@ class RunResult:
     sweep: dict[str, Any] | None = None
     warmup: list[dict[str, Any]] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    prompts: dict[str, Any] = field(default_factory=dict)  # salting, distinct prompts
+    cache_reset: dict[str, Any] | None = None  # POST /reset_prefix_cache, if asked
     # Sections of the workload and of scoring (`editor`, `chat_sessions`, `shared_prefix`,
     # `quality`): written as top-level keys of the JSON report.
     sections: dict[str, Any] = field(default_factory=dict)

@@ -25,6 +25,7 @@ from benchmarks.harness.datasets import (
     build_items,
     count_tokens,
     cycle,
+    length_fitter,
     load_tokenizer,
     trace_items,
 )
@@ -38,10 +39,12 @@ from benchmarks.harness.progress import Progress
 from benchmarks.harness.quality.section import quality_section
 from benchmarks.harness.records import RequestRecord, now, retokenize
 from benchmarks.harness.results import RunResult, StepResult, WarmupFailed
+from benchmarks.harness.salt import SaltedStream
 from benchmarks.harness.server_metrics import ServerMetricsRecorder, deltas, gauge_stats
 from benchmarks.harness.session_phase import SessionWorkload, run_sessions
 from benchmarks.harness.sweeps import saturation_reason, sweep_summary
 from benchmarks.harness.transport import HttpLibrary, Transport, make_transport
+from benchmarks.harness.workers import WorkerPool, WorkerSetup, workers_refused
 from benchmarks.harness.workload_sections import build_session_workload, workload_sections
 
 
@@ -58,8 +61,12 @@ class Runner:
         transport: Transport | None = None,
         loop_lag_interval_s: float = 0.005,
         log: Callable[[str], None] | None = None,
+        workers: int = 1,
     ) -> None:
+        if refused := workers_refused(profile.load, workers):
+            raise ValueError(refused)
         self.loop_lag_interval_s = loop_lag_interval_s
+        self.workers = workers
         self.profile = profile
         self.http_library = http
         self._transport = transport  # tests hand in their own
@@ -81,6 +88,7 @@ class Runner:
         p = self.profile
         started = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
         conc = peak_concurrency(p)
+        pool: WorkerPool | None = None
         http = self._transport or make_transport(
             self.http_library, conc, p.request.timeout_s, self.target.api_key
         )
@@ -96,11 +104,17 @@ class Runner:
                 enabled=p.server_metrics,
             )
             metrics_ok = await self.recorder.probe() if p.server_metrics else False
+            cache_reset = (
+                await reset_prefix_cache(http, self.target) if p.reset_prefix_cache else None
+            )
             warmup = await self._warmup(items)
-            stream = iter(items) if trace is not None else cycle(items)
-            phases, steps, sweep, client_cpu = await self._measure(stream, trace)
+            stream = self._salted(iter(items) if trace is not None else cycle(items), items)
+            pool = await self._start_workers(model, conc)
+            phases, steps, sweep, client_cpu = await self._measure(stream, trace, pool)
             quality = await self._quality(phases.records, items)
         finally:
+            if pool is not None:
+                pool.close()
             if self._transport is None:
                 await http.aclose()
         self._check_tokens(phases.records)
@@ -121,10 +135,18 @@ class Runner:
                 "platform": platform.platform(),
                 "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
                 "http": http.description,
+                "scheduling": scheduling_policy(),
                 "loop_lag": loop_lag_stats(phases.monitor.lags, p.thresholds),
                 "cpu": client_cpu,
+                "workers": pool.report() if pool else {"count": 1},
             },
         )
+        if pool is not None:  # the load came from the workers: their CPU is the client's
+            client_cpu["parent_cpu_s"] = client_cpu["cpu_s"]
+            client_cpu["cpu_s"] += sum(pool.cpu_s)
+            client_cpu["cpu_utilization"] = client_cpu["cpu_s"] / max(client_cpu["wall_s"], 1e-9)
+        result.prompts = prompts_report(stream, p, len(phases.records), self.workload is not None)
+        result.cache_reset = cache_reset
         self._overall(result, phases.phases)
         result.sections = workload_sections(result, self.workload)
         if quality is not None:
@@ -132,8 +154,29 @@ class Runner:
         result.warnings = collect_warnings(result, metrics_ok, self.recorder.error)
         return result
 
+    async def _start_workers(self, model: str, conc: int | None) -> WorkerPool | None:
+        """--workers N: the load-generator processes, started before the clock runs."""
+        if self.workers <= 1:
+            return None
+        p = self.profile
+        setup = WorkerSetup(
+            http=self.http_library,
+            target=self.target,
+            model=model,
+            request=p.request,
+            pool_concurrency=None if conc is None else -(-conc // self.workers),
+            loop_lag_interval_s=self.loop_lag_interval_s,
+        )
+        pool = WorkerPool(self.workers, setup)
+        self.log(f"starting {self.workers} load-generator processes")
+        await asyncio.to_thread(pool.start)
+        return pool
+
     async def _measure(
-        self, items: Iterator[RequestItem], trace: list[TraceEntry] | None
+        self,
+        items: Iterator[RequestItem],
+        trace: list[TraceEntry] | None,
+        pool: WorkerPool | None = None,
     ) -> tuple[PhaseRunner, list[StepResult], dict[str, Any] | None, dict[str, float]]:
         """The measured phases, with the scrapes and the client's probes running around them."""
         p = self.profile
@@ -141,7 +184,7 @@ class Runner:
         cpu, freezer = CPUMeter(), GCFreezer()
         progress = Progress(self.progress_enabled)
         t0 = self.client.t0 = self.recorder.t0 = now()
-        phases = PhaseRunner(p, self.client, self.recorder, monitor, progress, t0)
+        phases = PhaseRunner(p, self.client, self.recorder, monitor, progress, t0, pool)
         freezer.start()
         self.recorder.start()
         monitor.start()
@@ -182,6 +225,14 @@ class Runner:
             result.server["gauges"] = gauge_stats(self.recorder.samples, first, last)
         else:
             result.server = {"available": False}
+
+    def _salted(self, items: Iterator[RequestItem], built: list[RequestItem]) -> SaltedStream:
+        """Each request's prompt made unique (salt.py), unless the profile shares on purpose."""
+        p = self.profile
+        enabled = unsalted_because(p) is None
+        exact = any(it.input_tokens is not None for it in built)
+        fit = length_fitter(self.tokenizer(), p.seed) if enabled and exact else None
+        return SaltedStream(items, enabled, fit)
 
     def _items(self) -> tuple[list[RequestItem], list[TraceEntry] | None]:
         p = self.profile
@@ -258,6 +309,65 @@ class Runner:
             if reason:
                 break
         return steps, sweep_summary(steps, reason, rates)
+
+
+def scheduling_policy() -> str:
+    """How the OS schedules the client: `normal`, or `fifo:<priority>` (--client-priority)."""
+    import os
+
+    try:
+        policy = os.sched_getscheduler(0)
+    except (OSError, AttributeError):
+        return "unknown"
+    if policy == getattr(os, "SCHED_FIFO", -1):
+        return f"fifo:{os.sched_getparam(0).sched_priority}"
+    return "normal"
+
+
+def unsalted_because(p: Profile) -> str | None:
+    """Why this run's prompts go unsalted (None: each request is salted)."""
+    spec = p.dataset
+    if spec.shares_prefixes:
+        return "the dataset shares prefixes on purpose"
+    if any(d.repeat > 1 for d in (spec, *(spec.parts or ()))):
+        return "the dataset repeats each item on purpose (`repeat`)"
+    if p.quality is not None:
+        return "the profile scores quality: prompts go as the benchmark wrote them"
+    if not spec.salt:
+        return "`dataset.salt: false`"
+    return None
+
+
+def prompts_report(stream: SaltedStream, p: Profile, sent: int, sessions: bool) -> dict[str, Any]:
+    """Salting and distinct prompts, over the requests the run sent (workers may have
+    been handed a few they never sent)."""
+    why = unsalted_because(p)
+    # Planned sharing: the cache answering part of these prompts is what the run measures.
+    planned = why is not None and why != "`dataset.salt: false`"
+    out = stream.report(planned, why)
+    out["requests"] = sent
+    if sessions:  # built as the sessions ran, not drawn from the stream: not counted
+        out["distinct_prompts"] = out["repeated"] = None
+        return out
+    out["distinct_prompts"] = min(out["distinct_prompts"], sent)
+    out["repeated"] = sent - out["distinct_prompts"]
+    return out
+
+
+async def reset_prefix_cache(http: Transport, target: Target) -> dict[str, Any]:
+    """POST <root>/reset_prefix_cache: vLLM's server has it in dev mode; ours has none."""
+    url = target.root + "/reset_prefix_cache"
+    errors: tuple[type[BaseException], ...] = (*http.errors, TimeoutError)
+    try:
+        async with http.post(url, b"") as resp:
+            status = resp.status
+            body = await resp.read()
+    except errors as e:
+        return {"url": url, "ok": False, "error": f"{type(e).__name__}: {e}"}
+    out: dict[str, Any] = {"url": url, "ok": status == 200, "status": status}
+    if status != 200:
+        out["error"] = f"HTTP {status}: {body[:200].decode(errors='replace').strip()}"
+    return out
 
 
 def _fmt(v: float | None) -> str:

@@ -46,6 +46,7 @@ COUNTERS: dict[str, tuple[str, ...]] = {
     ),
     "aborted": ("codellama_serve_requests_aborted_total",),
     "aborted_generation_tokens": ("codellama_serve_aborted_generation_tokens_total",),
+    # Prompt tokens looked up in the prefix cache, and of them found there.
     "prefix_cache_queries": (
         "codellama_serve_prefix_cache_queries_total",
         "vllm:prefix_cache_queries_total",
@@ -75,6 +76,9 @@ HISTOGRAMS: dict[str, tuple[str, ...]] = {
     "itl": ("vllm:inter_token_latency_seconds",),
     "e2e": ("codellama_serve_e2e_request_latency_seconds", "vllm:e2e_request_latency_seconds"),
     "queue_time": ("vllm:request_queue_time_seconds",),
+    "prefill": ("vllm:request_prefill_time_seconds",),
+    "decode": ("vllm:request_decode_time_seconds",),
+    "inference": ("vllm:request_inference_time_seconds",),
 }
 
 _WANTED = tuple(
@@ -178,6 +182,7 @@ def deltas(before: Snapshot | None, after: Snapshot | None) -> dict[str, Any]:
                 ",".join(f"{k}={v}" for k, v in lab) or "all": d for lab, d in by.items() if d
             }
     out["counters"] = counters
+    out["prefix_cache"] = prefix_cache(counters)
     hists: dict[str, Any] = {}
     for key, cands in HISTOGRAMS.items():
         name = _pick(after, cands, "_count")
@@ -203,6 +208,14 @@ def deltas(before: Snapshot | None, after: Snapshot | None) -> dict[str, Any]:
         if (name := _pick(after, cands)) is not None
     }
     return out
+
+
+def prefix_cache(counters: dict[str, Any]) -> dict[str, Any] | None:
+    """Prompt tokens the server looked up in its prefix cache and found: the hit rate."""
+    if "prefix_cache_queries" not in counters:
+        return None
+    q, h = counters["prefix_cache_queries"], counters.get("prefix_cache_hits", 0.0)
+    return {"queries": q, "hits": h, "hit_rate": h / q if q else None}
 
 
 def gauge_stats(
@@ -299,8 +312,6 @@ _GAUGE_NAMES = tuple(n for names in GAUGES.values() for n in names)
 
 def prefix_cache_hit_rate(server: dict[str, Any]) -> float | None:
     """Prompt tokens found in the prefix cache / looked up, over a scrape delta (None: unknown)."""
-    counters = server.get("counters") or {}
-    queries, hits = counters.get("prefix_cache_queries"), counters.get("prefix_cache_hits")
-    if queries is None or hits is None or queries <= 0:
-        return None
-    return float(hits / queries)
+    cache = server.get("prefix_cache") or prefix_cache(server.get("counters") or {})
+    rate = cache.get("hit_rate") if cache else None
+    return None if rate is None else float(rate)

@@ -18,9 +18,11 @@ from starlette.responses import Response
 from engine.api.chat import Chat
 from engine.api.completions import Completions
 from engine.api.disconnect import ClientDisconnected
-from engine.api.errors import APIError, install_error_handlers, model_loading
-from engine.api.gate import GateMiddleware
+from engine.api.errors import install_error_handlers, model_loading, model_not_found
+from engine.api.gate import GateMiddleware, request_key
 from engine.api.health import liveness, readiness
+from engine.api.lora import adapter_card, visible_adapter, visible_adapters
+from engine.api.lora_admin import lora_admin_routes
 from engine.api.middleware import RequestContextMiddleware
 from engine.api.orchestrator import serve_generation
 from engine.api.schemas import ChatCompletionRequest, CompletionRequest
@@ -89,6 +91,7 @@ def create_app(
         install_tracing(app, state)
 
     _openai_routes(app, state)
+    lora_admin_routes(app, state)
     tokenizer_routes(app, state)
     _ops_routes(app, state)
     return app
@@ -107,19 +110,22 @@ def _openai_routes(app: FastAPI, state: ServerState) -> None:
         return await _guard(serve_generation(request, state, body, CHAT))
 
     @app.get("/v1/models", tags=["openai"])
-    async def models() -> Response:
+    async def models(request: Request) -> Response:
         if state.engine.info is None:
             raise model_loading()
-        return _json({"object": "list", "data": [_model_card(state)]})
+        adapters = [adapter_card(state, a) for a in visible_adapters(state, request_key(request))]
+        return _json({"object": "list", "data": [_model_card(state), *adapters]})
 
     @app.get("/v1/models/{model_id:path}", tags=["openai"])
-    async def model(model_id: str) -> Response:
+    async def model(request: Request, model_id: str) -> Response:
         if state.engine.info is None:
             raise model_loading()
-        if model_id != state.model.served_name:
-            raise APIError(404, f"The model '{model_id}' does not exist.", param="model",
-                           code="model_not_found")  # fmt: skip
-        return _json(_model_card(state))
+        if model_id == state.model.served_name:
+            return _json(_model_card(state))
+        adapter = visible_adapter(state, request_key(request), model_id)
+        if adapter is None:
+            raise model_not_found(f"The model '{model_id}' does not exist.")
+        return _json(adapter_card(state, adapter))
 
 
 def _ops_routes(app: FastAPI, state: ServerState) -> None:
@@ -179,6 +185,8 @@ async def _load_engine(state: ServerState, on_fatal: Callable[[], None]) -> None
         info = state.engine.info if state.engine.ready else None
         if info is None:
             info = await asyncio.to_thread(state.engine.start)
+        if state.settings.lora.enable_lora:
+            await state.engine.load_static_adapters()
         freeze_startup_heap()
         state.on_engine_started(info)
         log.info("serving %s (context %d tokens)", info.served_name, info.max_model_len)

@@ -3,13 +3,17 @@
 Key sources: `--api-keys` / `CODELLAMA_SERVE_API_KEYS` (comma-separated) and
 `--api-keys-file` (one per line, e.g. a mounted Kubernetes Secret):
 
-    sk-team-a-1234 name=team-a rpm=600 tpm=2000000 priority=interactive
+    sk-team-a-1234 name=team-a rpm=600 tpm=2000000 priority=interactive adapters=team-a-sql
     sha256:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08 name=ci
     sk-evals-5678 name=evals priority=batch weight=2
+    sk-ops-9012 name=ops admin
 
 `priority=` names the key's priority class (the highest its requests may ask
 for; engine/api/priority.py checks it against the configured classes) and
 `weight=` its weight in its class's fair share of admission.
+`adapters=` lists the LoRA adapters a key may use (none listed: the base model
+only; no `adapters=` option: all of them); to a key, any other adapter does not
+exist. `admin` marks a key that may load and unload adapters at runtime.
 
 A key's `name` (or the first 8 hex digits of its digest) is what logs show;
 the key itself is never logged or used as a metric label.
@@ -26,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.adapters import AdapterError, check_adapter_name
 from engine.config import PRIORITY_CLASS_NAME, AuthConfig
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -43,6 +48,11 @@ class ApiKey:
     tpm: int | None = None
     priority_class: str | None = None  # None: the default class (an "unclassed" key)
     weight: float = 1.0  # its weight in its class's fair share
+    admin: bool = False  # may load and unload LoRA adapters
+    adapters: frozenset[str] | None = None  # LoRA adapters it may use (None: all)
+
+    def may_use(self, adapter: str) -> bool:
+        return self.adapters is None or adapter in self.adapters
 
 
 ANONYMOUS = ApiKey(name="anonymous")
@@ -63,13 +73,18 @@ def _parse_entry(entry: str, where: str, defaults: AuthConfig) -> ApiKey:
         key_digest = digest(secret)
     fields: dict[str, Any] = {}
     for option in options:
+        if option == "admin":  # a flag, not name=value
+            fields["admin"] = ""
+            continue
         name, sep, value = option.partition("=")
         if not sep or name not in KEY_OPTIONS:
             expected = ", ".join(f"{o}=" for o in KEY_OPTIONS)
-            raise KeyFileError(f"{where}: unknown option {name!r} (expected {expected})")
+            raise KeyFileError(f"{where}: unknown option {name!r} (expected {expected}, admin)")
         parse, problem = KEY_OPTIONS[name]
         try:
             fields[name] = parse(value)
+        except AdapterError as e:  # says which name and why
+            raise KeyFileError(f"{where}: {name}=: {e}") from None
         except ValueError:
             raise KeyFileError(f"{where}: {problem}") from None
     label = fields.get("name") or "key-" + key_digest.hex()[:8]
@@ -80,6 +95,8 @@ def _parse_entry(entry: str, where: str, defaults: AuthConfig) -> ApiKey:
         tpm=fields.get("tpm", defaults.rate_limit_tpm),
         priority_class=fields.get("priority"),
         weight=fields.get("weight", 1.0),
+        admin="admin" in fields,
+        adapters=fields.get("adapters"),
     )
 
 
@@ -96,14 +113,19 @@ def _weight(value: str) -> float:
     return weight
 
 
-# The options a keys-file line may carry: how each value is parsed, and what
-# the error says when it cannot be.
+def _adapter_names(value: str) -> frozenset[str]:
+    return frozenset(check_adapter_name(n) for n in value.split(",") if n)
+
+
+# The options a keys-file line may carry (besides the flag `admin`): how each
+# value is parsed, and what the error says when it cannot be.
 KEY_OPTIONS: dict[str, tuple[Callable[[str], Any], str]] = {
     "name": (str, "name needs a label"),
     "rpm": (int, "rpm and tpm must be whole numbers"),
     "tpm": (int, "rpm and tpm must be whole numbers"),
     "priority": (_class_name, "priority must name a priority class"),
     "weight": (_weight, "weight must be a positive number"),
+    "adapters": (_adapter_names, "adapters lists LoRA adapter names"),
 }
 
 

@@ -61,7 +61,7 @@ class ChatRenderer:
     def __init__(self, run: Run, req: ChatCompletionRequest, top_k: int | None) -> None:
         self.run, self.req, self.top_k = run, req, top_k
         self.created = int(time.time())
-        self.model = run.state.model.served_name
+        self.model = run.model_name
 
     async def body(self, steps: Steps) -> dict[str, Any]:
         n, top_k = self.req.n, self.top_k

@@ -92,7 +92,7 @@ class CompletionRenderer:
     def __init__(self, run: Run, req: CompletionRequest, prompts: PreparedPrompts) -> None:
         self.run, self.req = run, req
         self.created = int(time.time())
-        self.model = run.state.model.served_name
+        self.model = run.model_name
         self.n = req.n
         self.echo = prompts.echo_texts
         # Our own BOS is not in the echoed text, so its (empty) logprob entry goes.

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
+from engine.adapters import AdapterError, AdapterNotFoundError
 from engine.codellama import PromptError
 from engine.llm import EngineDeadError, EngineNotReadyError, EngineRequestError
 
@@ -95,6 +96,10 @@ def draining(retry_after_s: int) -> APIError:
     )  # fmt: skip
 
 
+def model_not_found(message: str) -> APIError:
+    return APIError(404, message, param="model", code="model_not_found")
+
+
 def model_loading() -> APIError:
     return APIError(
         503, "The model is still loading; retry shortly.",
@@ -109,6 +114,9 @@ ERROR_MAP: tuple[tuple[type[Exception], Callable[[Any], APIError]], ...] = (
     (EngineNotReadyError, lambda e: model_loading()),
     (EngineRequestError, lambda e: bad_request(str(e))),
     (PromptError, lambda e: bad_request(str(e), param=e.param)),
+    # A LoRA adapter unloaded between the request's model check and its start.
+    (AdapterNotFoundError, lambda e: model_not_found(str(e))),
+    (AdapterError, lambda e: bad_request(str(e), code=e.code)),
 )
 MAPPED_ERRORS: tuple[type[Exception], ...] = tuple(kind for kind, _ in ERROR_MAP)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
-from engine.api.auth import ANONYMOUS, bearer_token
+from engine.api.auth import ANONYMOUS, ApiKey, bearer_token
 from engine.api.errors import APIError, draining
 from engine.api.middleware import HTTPMiddleware
 
@@ -16,6 +17,12 @@ if TYPE_CHECKING:
 
 OPS_PATHS = frozenset({"/health", "/ready", "/metrics"})
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
+def request_key(request: Request) -> ApiKey:
+    """The API key the gate let `request` in with (ANONYMOUS when the API is open)."""
+    key: ApiKey = getattr(request.state, "api_key", ANONYMOUS)
+    return key
 
 
 class GateMiddleware(HTTPMiddleware):

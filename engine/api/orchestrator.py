@@ -19,9 +19,9 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from engine.api.auth import ANONYMOUS
 from engine.api.constraints import invalid, output_constraint
 from engine.api.disconnect import primed, unless_disconnected
+from engine.api.gate import request_key
 from engine.api.priority import PRIORITY_CLASS_HEADER
 from engine.api.run import Run, Steps
 from engine.api.sampling import sampling_options
@@ -68,7 +68,8 @@ def start_run(
 ) -> tuple[Run, PreparedPrompts]:
     """Check the request, build its prompts and admit it (or raise a 4xx/5xx APIError)."""
     check_serving(state)
-    check_model(state, req.model)
+    key = request_key(request)
+    adapter = check_model(state, req.model, key)
     prompts = endpoint.prepare(state, req)
     for ids in prompts.token_ids:
         check_context(state, len(ids), prompts.max_tokens, prompts.context_param)
@@ -78,7 +79,6 @@ def start_run(
         logprobs=prompts.logprobs, prompt_logprobs=prompts.prompt_logprobs,
         constraint=constraint,
     )  # fmt: skip
-    key = getattr(request.state, "api_key", ANONYMOUS)
     assigned = state.priorities.assign(
         key, req.priority, infill=prompts.infill, max_tokens=prompts.max_tokens
     )
@@ -88,7 +88,7 @@ def start_run(
         key, sequences, sum(map(len, prompts.token_ids)), assigned.name
     )
     request_id = endpoint.id_prefix + uuid.uuid4().hex
-    run = Run(state, endpoint.name, request_id, prompts.token_ids, options, ticket)
+    run = Run(state, endpoint.name, request_id, prompts.token_ids, options, ticket, adapter)
     run.priority_clamped = assigned.clamped
     request.state.run = run  # for the access log
     return run, prompts

@@ -29,6 +29,7 @@ class Run:
     prompts: list[list[int]]
     options: SamplingOptions
     ticket: Ticket
+    adapter: str | None = None  # the LoRA adapter it generates with (None: the base model)
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float = 0.0
@@ -54,6 +55,11 @@ class Run:
     @property
     def priority_class(self) -> str:
         return self.ticket.priority_class
+
+    @property
+    def model_name(self) -> str:
+        """The `model` its response names: the adapter, or the served base model."""
+        return self.adapter or self.state.model.served_name
 
     @property
     def prompt_tokens(self) -> int:
@@ -106,6 +112,8 @@ class Run:
             fields["timed_out"] = True
         if self.abort_reason is not None:
             fields["aborted"] = self.abort_reason
+        if self.adapter is not None:
+            fields["adapter"] = self.adapter
         return fields
 
     def engine_request_id(self, prompt_index: int) -> str:
@@ -146,12 +154,16 @@ class Run:
         )
         try:
             if len(self.prompts) == 1:
-                async for step in engine.generate(self.request_id, self.prompts[0], self.options):
+                async for step in engine.generate(
+                    self.request_id, self.prompts[0], self.options, adapter=self.adapter
+                ):
                     self._count(0, n, step)
                     yield 0, step
             else:
                 streams = [
-                    engine.generate(self.engine_request_id(i), p, self.options)
+                    engine.generate(
+                        self.engine_request_id(i), p, self.options, adapter=self.adapter
+                    )
                     for i, p in enumerate(self.prompts)
                 ]
                 async for i, step in merge_streams(streams):
@@ -231,6 +243,7 @@ class Run:
         if self.abort_reason is not None:
             m.aborted.labels(reason=self.abort_reason).inc()
             m.aborted_tokens.labels(reason=self.abort_reason).inc(self.completion_tokens)
+        self._record_adapter(status)
         if status != 200:
             return
         m.e2e.labels(endpoint=self.endpoint).observe(now - self.arrival)
@@ -262,6 +275,15 @@ class Run:
         tpot = self.tpot()
         if tpot is not None:
             c.tpot.labels(cls).observe(tpot)
+
+    def _record_adapter(self, status: int) -> None:
+        lora = self.state.lora_metrics
+        if lora is None:
+            return
+        ttft = None if self.first_token_at is None else self.first_token_at - self.arrival
+        lora.observe(
+            self.adapter, status, self.prompt_tokens, self.completion_tokens, ttft, self.tpot()
+        )
 
 
 async def merge_streams(

@@ -155,3 +155,26 @@ class ChatCompletionRequest(SamplingFields):
             if self.max_completion_tokens is not None
             else self.max_tokens
         )
+
+
+class LoadLoRAAdapterRequest(BaseModel):
+    """POST /v1/load_lora_adapter (vLLM's body)."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str = Field(min_length=1, max_length=128, description="The name to serve it as.")
+    lora_path: str = Field(
+        min_length=1, max_length=4096, description="Directory of a PEFT LoRA adapter."
+    )
+    load_inplace: StrictBool = Field(
+        False, description="Replace the weights of an adapter loaded under this name."
+    )
+    # vLLM's, for mixture-of-experts adapters; Code Llama is dense, so it changes nothing.
+    is_3d_lora_weight: StrictBool = False
+
+
+class UnloadLoRAAdapterRequest(BaseModel):
+    """POST /v1/unload_lora_adapter (vLLM's body)."""
+
+    model_config = ConfigDict(extra="ignore")
+    lora_name: str = Field(min_length=1, max_length=128)
+    lora_int_id: Int | None = Field(None, description="vLLM's; the name alone decides.")

@@ -7,12 +7,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from engine.adapters import Adapter, AdapterRegistry
 from engine.api.admission import Admission
 from engine.api.auth import KeyStore
 from engine.api.priority import PriorityClasses
 from engine.codellama import Capabilities, CodeLlamaPrompts, capabilities
 from engine.config import ResolvedSettings
 from engine.llm import EngineStats, ModelInfo, OutputConstraint, SamplingOptions, StepOutput
+from engine.lora_metrics import LoRAMetrics
 from engine.metrics import EngineGauges, Metrics
 
 
@@ -21,6 +23,7 @@ class EngineLike(Protocol):
 
     stats: EngineStats
     info: ModelInfo | None
+    adapters: AdapterRegistry  # read only with LoRA enabled
 
     @property
     def ready(self) -> bool: ...
@@ -33,9 +36,20 @@ class EngineLike(Protocol):
     def shutdown(self) -> None: ...
     async def check_health(self) -> None: ...
     def generate(
-        self, request_id: str, prompt_token_ids: list[int], options: SamplingOptions
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        options: SamplingOptions,
+        *,
+        adapter: str | None = None,
     ) -> Any: ...
     async def abort(self, request_id: str) -> None: ...
+    # LoRA adapters (called only with LoRA enabled)
+    async def load_static_adapters(self) -> None: ...
+    async def load_adapter(
+        self, name: str, path: str, *, dynamic: bool = True, replace: bool = False
+    ) -> Adapter: ...
+    async def unload_adapter(self, name: str) -> Adapter: ...
     def check_constraint(self, constraint: OutputConstraint) -> None: ...
 
 
@@ -45,6 +59,7 @@ class ServerState:
     engine: EngineLike
     replica_id: str | None = None  # set in cluster mode; sent as a response header
     metrics: Metrics = field(init=False)
+    lora_metrics: LoRAMetrics | None = field(init=False)  # with LoRA enabled
     keys: KeyStore = field(init=False)
     priorities: PriorityClasses = field(init=False)
     admission: Admission = field(init=False)
@@ -72,6 +87,12 @@ class ServerState:
                 spec_decode=lambda: e.stats.spec_decode,
             ),
             model_name=lambda: e.info.served_name if e.info else "",
+        )
+        lora = self.settings.lora
+        self.lora_metrics = (
+            LoRAMetrics(self.metrics.registry, lora, loaded=lambda: len(e.adapters))
+            if lora.enable_lora
+            else None
         )
         self.keys = KeyStore.from_config(self.settings.auth)
         self.priorities = PriorityClasses(self.settings.priority)

@@ -16,11 +16,13 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import orjson
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StrictBool, Tag
 from starlette.responses import Response
 
+from engine.api.auth import ApiKey
 from engine.api.errors import bad_request, model_loading
+from engine.api.gate import request_key
 from engine.api.schemas import ChatMessageIn, TokenId
 from engine.api.state import ServerState
 from engine.api.validation import check_model
@@ -78,15 +80,17 @@ def _json(obj: Any) -> Response:
     return Response(orjson.dumps(obj), media_type="application/json")
 
 
-def _prompts(state: ServerState, model: str | None) -> CodeLlamaPrompts:
+def _prompts(state: ServerState, model: str | None, key: ApiKey) -> CodeLlamaPrompts:
+    """The prompt builder; `model` may name a LoRA adapter the key may use (adapters
+    share the base model's tokenizer), anything else is the generation endpoints' 404."""
     if state.prompts is None:
         raise model_loading()
-    check_model(state, model)
+    check_model(state, model, key)
     return state.prompts
 
 
-def completion_ids(state: ServerState, req: TokenizeCompletionRequest) -> list[int]:
-    prompts = _prompts(state, req.model)
+def completion_ids(state: ServerState, req: TokenizeCompletionRequest, key: ApiKey) -> list[int]:
+    prompts = _prompts(state, req.model, key)
     if req.suffix is None:
         ids = prompts.completion(req.prompt)
     else:
@@ -98,8 +102,8 @@ def completion_ids(state: ServerState, req: TokenizeCompletionRequest) -> list[i
     return ids if req.add_special_tokens else ids[1:]
 
 
-def chat_ids(state: ServerState, req: TokenizeChatRequest) -> list[int]:
-    prompts = _prompts(state, req.model)
+def chat_ids(state: ServerState, req: TokenizeChatRequest, key: ApiKey) -> list[int]:
+    prompts = _prompts(state, req.model, key)
     caps = state.capabilities
     if not caps.chat:
         raise bad_request(caps.why_no_chat, param="model", code="chat_not_supported")
@@ -127,13 +131,14 @@ def chat_ids(state: ServerState, req: TokenizeChatRequest) -> list[int]:
 
 def tokenizer_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/tokenize", response_model=None, tags=["tokenizer"])
-    async def tokenize(body: TokenizeRequest) -> Response:
+    async def tokenize(request: Request, body: TokenizeRequest) -> Response:
         """The prompt's token ids, exactly as the generation endpoints send them."""
+        key = request_key(request)
         if isinstance(body, TokenizeChatRequest):
-            ids = chat_ids(state, body)
+            ids = chat_ids(state, body, key)
         else:
-            ids = completion_ids(state, body)
-        prompts = _prompts(state, body.model)
+            ids = completion_ids(state, body, key)
+        prompts = _prompts(state, body.model, key)
         return _json(
             {
                 "count": len(ids),
@@ -144,9 +149,9 @@ def tokenizer_routes(app: FastAPI, state: ServerState) -> None:
         )
 
     @app.post("/detokenize", response_model=None, tags=["tokenizer"])
-    async def detokenize(body: DetokenizeRequest) -> Response:
+    async def detokenize(request: Request, body: DetokenizeRequest) -> Response:
         """The text of token ids (control tokens such as <s> spelled out)."""
-        prompts = _prompts(state, body.model)
+        prompts = _prompts(state, body.model, request_key(request))
         vocab = state.model.vocab_size
         bad = next((t for t in body.tokens if t >= vocab), None)
         if bad is not None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from engine.api.errors import APIError, bad_request, draining, engine_dead, model_loading
+from engine.api.auth import ApiKey
+from engine.api.errors import bad_request, draining, engine_dead, model_loading, model_not_found
+from engine.api.lora import visible_adapter
 from engine.api.schemas import SamplingFields
 from engine.api.state import ServerState
 
@@ -17,13 +19,18 @@ def check_serving(state: ServerState) -> None:
         raise model_loading()
 
 
-def check_model(state: ServerState, requested: str | None) -> None:
+def check_model(state: ServerState, requested: str | None, key: ApiKey) -> str | None:
+    """The LoRA adapter `requested` selects (None: the base model), or 404; an adapter
+    the key may not use is answered exactly as one that does not exist."""
     served = state.model.served_name
-    if requested is not None and requested != served:
-        raise APIError(
-            404, f"The model '{requested}' does not exist. This server serves '{served}'.",
-            param="model", code="model_not_found",
-        )  # fmt: skip
+    if requested is None or requested == served:
+        return None
+    adapter = visible_adapter(state, key, requested)
+    if adapter is None:
+        raise model_not_found(
+            f"The model '{requested}' does not exist. This server serves '{served}'."
+        )
+    return adapter.name
 
 
 def check_counts(

@@ -72,3 +72,14 @@ async def test_a_short_profile_accounts_for_every_request(server: Any) -> None:
         len(records) + 1
     )
     assert result.server["histograms"]["ttft"]["count"] == len(records)
+
+    # Issue 12: every prompt unique (salted), so the server's prefix cache answered none
+    # of them; the breakdown has the client's own timestamps for every request.
+    assert result.prompts["salt"] and result.prompts["repeated"] == 0
+    cache = result.server["prefix_cache"]
+    assert cache is not None and cache["queries"] > 0 and cache["hit_rate"] < 0.01, cache
+    assert not any("prefix cache" in w for w in result.warnings)
+    assert s["latency_breakdown"]["decode"]["count"] == len(records)
+    assert s["load"]["connection_wait_ms"]["max"] == 0.0
+    for r in records:
+        assert r.sent <= r.conn_acquired <= r.written <= r.first_byte  # type: ignore[operator]

@@ -395,6 +395,8 @@ def _check_ttft_quantiles(prom: Prometheus, queries: list, variables: dict, wind
             continue
         for s in prom.query(_substitute(expr, variables, window), at):
             value = float(s["value"][1])
+            if math.isnan(value) and s["metric"].get("priority_class", "default") != "default":
+                continue  # a priority class this load never used: no quantile to take
             assert 0 < value <= bound, f"{where}: {value} s not in (0, {bound}] ({slowest=})"
             checked += 1
     return checked

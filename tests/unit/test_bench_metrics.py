@@ -72,7 +72,7 @@ def test_goodput_counts_exactly_the_requests_within_slo() -> None:
     slo = SLO(ttft_ms=100, tpot_ms=10, e2e_ms=1000)
     good = [
         rec(0, tokens=[0.05, 0.10], out=6),  # ttft 50, tpot 10 (== SLO counts), e2e 110
-        rec(1, tokens=[0.10], out=1),  # ttft exactly 100; one token: TPOT counts as 0
+        rec(1, tokens=[0.10, 0.15], out=6),  # ttft exactly 100
         rec(2, tokens=[0.02, 0.52], out=101, finished=0.99),  # tpot 5, e2e 990
     ]
     bad = [
@@ -80,6 +80,9 @@ def test_goodput_counts_exactly_the_requests_within_slo() -> None:
         rec(4, tokens=[0.01, 0.12], out=11),  # tpot 11
         rec(5, tokens=[0.01, 0.02], out=2, finished=1.001),  # e2e 1001
         rec(6, error="HTTP 503: overloaded"),  # failed: never good
+        # One token has no TPOT: a metric the request lacks fails its SLO (issue 12;
+        # it used to count as 0 and pass any TPOT objective).
+        rec(7, tokens=[0.05], out=1),
     ]
     for r in good:
         assert meets_slo(r, slo), r
@@ -88,7 +91,7 @@ def test_goodput_counts_exactly_the_requests_within_slo() -> None:
     s = summarize(good + bad, window=(0.0, 2.0), slo=slo)
     assert s["good_requests"] == 3
     assert s["request_goodput"] == pytest.approx(3 / 2.0)
-    assert s["completed"] == 6 and s["failed"] == 1
+    assert s["completed"] == 7 and s["failed"] == 1
 
 
 def test_only_the_slos_that_are_set_are_checked() -> None:

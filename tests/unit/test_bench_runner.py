@@ -248,12 +248,12 @@ async def test_compare_interleaves_targets(tmp_path: Path) -> None:
         cmp = await compare(
             p, [Target(a.base_url, name="A"), Target(b.base_url, name="B")], trials=2
         )
-    assert cmp.order == ["A", "B", "A", "B"]
+    assert cmp.order == ["A", "B", "B", "A"]  # rotated every round (issue 12)
     rows = {r["metric"]: r for r in cmp.table()}
     assert rows["request_throughput"]["A"]["ratio_to_baseline"] == 1.0
     assert rows["median_tpot_ms"]["B"]["ratio_to_baseline"] > 1.5  # B is slower per token
     md = comparison_markdown(cmp)
     assert "| Request/s |" in md and "B / A" in md
     paths = write_comparison(cmp, tmp_path)
-    assert json.loads(paths["json"].read_text())["order"] == ["A", "B", "A", "B"]
+    assert json.loads(paths["json"].read_text())["order"] == ["A", "B", "B", "A"]
     assert paths["latency_cdf"].is_file()

@@ -231,6 +231,12 @@ class DatasetSpec(_Model):
     limit: PositiveInt | None = Field(None, description="Use only the first N items.")
     shuffle: bool = True
     size: PositiveInt = Field(256, description="synthetic: distinct prompts to build.")
+    salt: bool = Field(
+        True,
+        description="Start each request's prompt with a line of its own (`# <run>-<n>`), so "
+        "no two requests of a run, or of two runs, share a prefix-cache block. Datasets "
+        "that share prefixes on purpose are never salted; false sends prompts as they are.",
+    )
     stop: list[str] | None = Field(None, description="`stop` of every request of this dataset.")
     repeat: PositiveInt = Field(
         1, description="Send each item this many times (n samples per problem, for pass@k)."
@@ -313,6 +319,11 @@ class Thresholds(_Model):
     max_loop_lag_p99_ms: PositiveFloat = Field(
         10.0, description="Client event-loop lag p99 above this flags the client as overloaded."
     )
+    max_connection_wait_ms: PositiveFloat = Field(
+        1.0,
+        description="A request that waited longer than this for a connection in the client's "
+        "own pool was queued by the client: it flags the run.",
+    )
 
 
 class Profile(_Model):
@@ -330,6 +341,11 @@ class Profile(_Model):
     percentiles: list[float] = Field(default_factory=lambda: [50.0, 90.0, 99.0])
     seed: int = 0
     server_metrics: bool = True
+    reset_prefix_cache: bool = Field(
+        False,
+        description="POST <base>/reset_prefix_cache before the run (vLLM's server in dev mode, "
+        "VLLM_SERVER_DEV_MODE=1, has it; codellama-serve has none): a warning if it fails.",
+    )
     scrape_interval_s: PositiveFloat = 1.0
     thresholds: Thresholds = Thresholds()
     quality: QualitySpec | None = Field(

@@ -68,6 +68,8 @@ def run_to_json(
     out["sweep"] = result.sweep
     out["server"] = result.server
     out["client"] = result.client
+    out["prompts"] = result.prompts
+    out["prefix_cache_reset"] = result.cache_reset
     out |= result.sections
     out["warmup"] = result.warmup
     out["warnings"] = result.warnings

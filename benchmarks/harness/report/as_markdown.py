@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import metrics as m
+from benchmarks.harness.plans import describe_load
 from benchmarks.harness.results import RunResult
 
 LATENCY_NAMES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2E"}
@@ -77,11 +78,65 @@ def throughput_table(s: dict[str, Any]) -> list[str]:
         f"| {f(s['total_token_throughput'])} | {f(s['request_goodput'], 2)} |",
         "",
         "| Offered load | Achieved send rate | Schedule lag P50 / P99 / max (ms) "
-        "| Coordinated omission |",
-        "|---|---|---|---|",
+        "| Connection wait P50 / P99 / max (ms) | Coordinated omission |",
+        "|---|---|---|---|---|",
         f"| {_offered_text(load)} | {f(load.get('achieved_send_rate'), 2)} req/s "
-        f"| {lag_text(load)} | {co_text(load)} |",
+        f"| {lag_text(load)} | {wait_text(load)} | {co_text(load)} |",
     ]
+    return rows
+
+
+def wait_text(load: dict[str, Any]) -> str:
+    w = load.get("connection_wait_ms") or {}
+    return f"{f(w.get('p50'), 2)} / {f(w.get('p99'), 2)} / {f(w.get('max'), 2)}"
+
+
+# The server's own histograms that split a request's life: (key, label).
+SERVER_PARTS = (
+    ("queue_time", "queue (waiting to be scheduled)"),
+    ("prefill", "prefill"),
+    ("decode", "decode"),
+    ("ttft", "TTFT (arrival → first token)"),
+    ("e2e", "E2E (arrival → last byte)"),
+)
+
+
+def breakdown_table(s: dict[str, Any], server: dict[str, Any]) -> list[str]:
+    """Where a request's time went: the client's timestamps, then the server's histograms."""
+    b = s.get("latency_breakdown")
+    if not b:
+        return []
+    rows = [
+        f"Latency breakdown ({b['new_connections']} new connections; client timestamps of "
+        "successful requests):",
+        "",
+        "| Part (ms) | n | Mean | Median | P99 | Max |",
+        "|---|---|---|---|---|---|",
+    ]
+    for part in b.values():
+        if isinstance(part, dict) and part.get("count"):
+            rows.append(
+                f"| {part['label']} | {part['count']} | {f(part['mean_ms'], 2)} "
+                f"| {f(part['median_ms'], 2)} | {f(part.get('p99_ms'), 2)} "
+                f"| {f(part['max_ms'], 2)} |"
+            )
+    hists = server.get("histograms", {}) if server.get("available") else {}
+    shown = [(k, label) for k, label in SERVER_PARTS if (hists.get(k) or {}).get("count")]
+    if shown:
+        rows += [
+            "",
+            "| Server's own view (ms) | n | Mean | P50 ≤ | P99 ≤ |",
+            "|---|---|---|---|---|",
+        ]
+        for key, label in shown:
+            h = hists[key]
+            rows.append(
+                f"| {label} | {f(h['count'], 0)} | {f(h.get('mean_ms'), 2)} "
+                f"| {f(h.get('p50_le_ms'))} | {f(h.get('p99_le_ms'))} |"
+            )
+    missing = [label for k, label in SERVER_PARTS[:3] if (k, label) not in shown]
+    if missing:
+        rows += ["", f"(The server exports no histogram of: {', '.join(missing)}.)"]
     return rows
 
 
@@ -142,6 +197,12 @@ def server_table(server: dict[str, Any]) -> list[str]:
         "|---|---|",
     ]
     c = server.get("counters", {})
+    cache = server.get("prefix_cache")
+    if cache:
+        rows.append(
+            f"| prefix-cache hit rate (prompt tokens) | {f(_pct(cache.get('hit_rate')))} % "
+            f"({f(cache['hits'], 0)} of {f(cache['queries'], 0)}) |"
+        )
     for key, label in (
         ("requests", "requests finished"),
         ("generation_tokens", "generated tokens"),
@@ -180,6 +241,26 @@ def server_table(server: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _pct(v: float | None) -> float | None:
+    return None if v is None else 100 * v
+
+
+def prompts_line(result: RunResult) -> str:
+    pr = result.prompts or {}
+    if not pr:
+        return ""
+    if pr.get("salt"):
+        how = f"salted: {pr['salt_format']} (run nonce `{pr['nonce']}`)"
+    else:
+        how = f"not salted: {pr.get('unsalted_because') or 'the profile asks so'}"
+    if pr.get("distinct_prompts") is None:
+        return f"Prompts: {pr.get('requests')} requests; {how}."
+    return (
+        f"Prompts: {pr.get('distinct_prompts')} distinct of {pr.get('requests')} requests "
+        f"({pr.get('repeated')} repeated); {how}."
+    )
+
+
 def client_table(client: dict[str, Any]) -> list[str]:
     cpu, lag = client["cpu"], client["loop_lag"]
     return [
@@ -190,7 +271,10 @@ def client_table(client: dict[str, Any]) -> list[str]:
         f"| event-loop lag P50 / P99 / max (ms) | {f(lag.get('p50_ms'), 2)} / "
         f"{f(lag.get('p99_ms'), 2)} / {f(lag.get('max_ms'), 2)} |",
         f"| overloaded | {f(lag.get('overloaded'))} |",
-        f"| HTTP | {client['http']} · event loop {client['event_loop']} |",
+        f"| waited for a CPU while it had work (run delay) | {f(cpu.get('run_delay_s'), 2)} s |",
+        f"| HTTP | {client['http']} · event loop {client['event_loop']} "
+        f"· scheduling {client.get('scheduling', 'normal')} "
+        f"· {client.get('workers', {}).get('count', 1)} process(es) |",
     ]
 
 
@@ -209,6 +293,7 @@ def run_markdown(result: RunResult, plots: Sequence[str] = ()) -> str:
         f" · seed {p.seed}",
         "",
     ]
+    lines += [f"Load: {describe_load(p)}.", ""]
     if p.description:
         lines += [p.description.strip(), ""]
     if result.warnings:
@@ -238,11 +323,14 @@ def run_markdown(result: RunResult, plots: Sequence[str] = ()) -> str:
             "requests within SLO.",
             "",
         ]
+    lines += ["## Where the time went", "", *breakdown_table(s, result.server), ""]
     from benchmarks.harness.report.sections import sections_markdown
 
     lines += sections_markdown(result)
     lines += ["## Server", "", *server_table(result.server), ""]
     lines += ["## Client", "", *client_table(result.client), ""]
+    if line := prompts_line(result):
+        lines += [line, ""]
     src, tc = s["output_token_source"], s["token_check"]
     lines.append(
         f"Output tokens from the server's `usage` for {src['usage']} requests"

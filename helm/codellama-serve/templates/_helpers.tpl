@@ -73,6 +73,18 @@ engine.ray_config.settings_args does.
 {{- $routing := get $s "routing" | default dict }}
 {{- $_ := set $routing "ray_ingress" $v.rayService.ingress }}
 {{- $_ := set $s "routing" $routing }}
+{{- if $v.lora.enabled }}
+{{- $lora := get $s "lora" | default dict }}
+{{- $_ := set $lora "enable_lora" true }}
+{{- $modules := list }}
+{{- range $v.lora.adapters }}
+{{- $modules = append $modules (dict "name" .name "path" (include "codellama-serve.adapterPath" (list $v .path))) }}
+{{- end }}
+{{- if $modules }}
+{{- $_ := set $lora "lora_modules" $modules }}
+{{- end }}
+{{- $_ := set $s "lora" $lora }}
+{{- end }}
 {{- if $v.apiKeys.existingSecret }}
 {{- $auth := get $s "auth" | default dict }}
 {{- $_ := set $auth "api_keys_file" (include "codellama-serve.apiKeysFile" .) }}
@@ -84,6 +96,13 @@ engine.ray_config.settings_args does.
 {{- end }}
 {{- end }}
 {{- toYaml $s }}
+{{- end }}
+
+{{/* An adapter's path as the replicas see it: relative paths lie on the model volume. */}}
+{{- define "codellama-serve.adapterPath" -}}
+{{- $v := index . 0 }}
+{{- $path := index . 1 }}
+{{- if or (hasPrefix "/" $path) (eq $path "demo") }}{{ $path }}{{ else }}{{ printf "%s/%s" (trimSuffix "/" $v.modelCache.mountPath) $path }}{{ end }}
 {{- end }}
 
 {{- define "codellama-serve.apiKeysDir" -}}/etc/codellama-serve/api-keys{{- end }}
@@ -288,5 +307,31 @@ start): engine.ray_config.ingress_env of the same settings.
 {{- end }}
 {{- if and (not .Values.gpu.enabled) (eq .Values.mode "rayservice") (gt (int .Values.tensorParallelSize) 1) }}
 {{- fail "tensorParallelSize > 1 needs gpu.enabled" }}
+{{- end }}
+{{- include "codellama-serve.validateLora" . }}
+{{- end }}
+
+{{/* LoRA values the server would refuse at start, refused at install time instead. */}}
+{{- define "codellama-serve.validateLora" -}}
+{{- $l := .Values.lora }}
+{{- $settings := (.Values.settings | default dict).lora | default dict }}
+{{- if and $l.adapters (not $l.enabled) }}
+{{- fail "lora.adapters needs lora.enabled=true" }}
+{{- end }}
+{{- if and $settings.allow_runtime_lora_updating (not $l.enabled) }}
+{{- fail "settings.lora.allow_runtime_lora_updating needs lora.enabled=true" }}
+{{- end }}
+{{- if and $settings.allow_runtime_lora_updating (eq .Values.mode "rayservice") }}
+{{- fail "settings.lora.allow_runtime_lora_updating works in mode=deployment only: in Ray Serve a load would reach one replica; list the adapters in lora.adapters" }}
+{{- end }}
+{{- $names := list }}
+{{- range $l.adapters }}
+{{- $names = append $names .name }}
+{{- if and (eq $.Values.modelCache.type "emptyDir") (not (hasPrefix "/" .path)) (ne .path "demo") }}
+{{- fail (printf "lora.adapters %s: a path on the model volume needs modelCache.type pvc or hostPath (an emptyDir starts empty)" .name) }}
+{{- end }}
+{{- end }}
+{{- if ne (len $names) (len (uniq $names)) }}
+{{- fail "lora.adapters: adapter names must be unique" }}
 {{- end }}
 {{- end }}
