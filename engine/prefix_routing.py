@@ -50,7 +50,7 @@ class ReplicaState:
     """What the router knows of one replica when it decides."""
 
     replica_id: str
-    ongoing: int  # requests in the replica, plus those routed to it since it last said
+    ongoing: int  # requests in the replica, plus those routed there it has not counted yet
     saturated: bool = False
 
 

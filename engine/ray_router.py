@@ -9,10 +9,11 @@ through Ray's Python proxy the router sees no body, only the session header.
 
 From the body it builds the routing key (`engine.routing_key`: the token ids
 the engine will see, hashed in blocks of the engine's own block size) and the
-session key; from Ray it takes each replica's queue length (probed, plus what
-it routed there since) and its routing stats (`CodeLlamaServer.record_routing_stats`:
-block size, KV-cache size and usage, engine queue, engine epoch); the decision
-itself is `engine.prefix_routing`'s.
+session key; from Ray it takes each replica's queue length (probed, plus what it
+routed there that the probe cannot have counted: `engine.routed_load`) and its
+routing stats (`CodeLlamaServer.record_routing_stats`: block size, KV-cache size
+and usage, engine queue, engine epoch); the decision itself is
+`engine.prefix_routing`'s.
 """
 
 from __future__ import annotations
@@ -28,12 +29,13 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 
 from engine.codellama import CodeLlamaPrompts
 from engine.prefix_routing import Decision, PolicyConfig, PrefixAffinity, ReplicaState
+from engine.routed_load import RoutedLoad
 from engine.routing_key import block_hashes, engine_prompt, session_key
 
 log = logging.getLogger("engine.ray.router")
 
 # A replica's probed queue length is used for this long (plus what was routed to it
-# since) before it is probed again.
+# that the probe cannot have counted) before it is probed again.
 LOAD_PROBE_INTERVAL_S = 0.1
 
 
@@ -61,8 +63,7 @@ class CodeLlamaRouter(RequestRouter):
         self._waiting_limit = target_waiting_per_replica
         self._kv_limit = kv_cache_threshold
         self._max_chars = max_prompt_chars
-        self._probed: dict[str, tuple[float, int]] = {}  # replica -> (when, queue length)
-        self._routed_since: dict[str, int] = {}
+        self.load = RoutedLoad()
         self._metrics = _RouterMetrics(self._deployment_id.app_name)
         self._failures = 0
 
@@ -95,9 +96,7 @@ class CodeLlamaRouter(RequestRouter):
                 for r in replicas
             }
         )
-        for gone in set(self._probed) - {_rid(r) for r in replicas}:
-            self._probed.pop(gone, None)
-            self._routed_since.pop(gone, None)
+        self.load.keep({_rid(r) for r in replicas})
 
     # -- deciding
 
@@ -108,10 +107,11 @@ class CodeLlamaRouter(RequestRouter):
         blocks = self._blocks(body, candidates)
         session = _session(pending, body)
         states = await self._states(candidates)
+        # From here to the return nothing awaits: the next decision sees this one.
         decision = self.policy.choose(states, blocks, session)
         self.policy.record(decision, blocks, session)
+        self.load.routed(decision.replica_id, time.monotonic())
         self._metrics.observe(decision)
-        self._routed_since[decision.replica_id] = self._routed_since.get(decision.replica_id, 0) + 1
         return next(r for r in candidates if _rid(r) == decision.replica_id)
 
     def _blocks(
@@ -124,27 +124,22 @@ class CodeLlamaRouter(RequestRouter):
         return block_hashes(ids, int(block_size)) if ids else []
 
     async def _states(self, candidates: list[RunningReplica]) -> list[ReplicaState]:
-        now = time.monotonic()
-        stale = [r for r in candidates if now - self._probed_at(r) > LOAD_PROBE_INTERVAL_S]
+        sent = time.monotonic()
+        stale = [r for r in candidates if self.load.probe_due(_rid(r), sent, LOAD_PROBE_INTERVAL_S)]
         if stale:
             for replica, queue_len in await self._probe_queue_lens(stale, 0):
                 if queue_len is not None:
-                    self._probed[_rid(replica)] = (now, queue_len)
-                    self._routed_since[_rid(replica)] = 0
+                    self.load.probed(_rid(replica), sent, queue_len)
         return [self._state(r) for r in candidates]
 
-    def _probed_at(self, replica: RunningReplica) -> float:
-        return self._probed.get(_rid(replica), (0.0, 0))[0]
-
     def _state(self, replica: RunningReplica) -> ReplicaState:
-        rid = _rid(replica)
-        ongoing = self._probed.get(rid, (0.0, 0))[1] + self._routed_since.get(rid, 0)
+        ongoing = self.load.ongoing(_rid(replica))
         saturated = (
             ongoing >= replica.max_ongoing_requests
             or _stat(replica, "engine_waiting") >= self._waiting_limit
             or _stat(replica, "kv_cache_usage") >= self._kv_limit
         )
-        return ReplicaState(rid, ongoing, saturated)
+        return ReplicaState(_rid(replica), ongoing, saturated)
 
     @property
     def prompts(self) -> CodeLlamaPrompts:

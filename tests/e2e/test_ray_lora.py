@@ -6,7 +6,6 @@ temperature 0 both give the same adapted text, which differs from the base model
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 import time
@@ -14,13 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 import yaml
 
 from tests.conftest import ROOT, free_port
 
-from .test_ray_serve import RayApp, _sid
+from .test_ray_serve import RayApp, _kill_session
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
@@ -71,16 +69,6 @@ def ray_lora(tmp_path_factory):
             except subprocess.TimeoutExpired:
                 app.proc.kill()
         _kill_session(app.proc.pid)
-
-
-def _kill_session(sid: int) -> None:
-    """Kill what is left in `serve --ray`'s session: Ray's processes and engines that
-    this test started, and no one else's (`ray stop` would stop every Ray on the machine)."""
-    left = [p for p in psutil.process_iter() if _sid(p.pid) == sid]
-    for p in left:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(left, timeout=30)
 
 
 def test_every_replica_serves_the_same_adapter(ray_lora):

@@ -8,6 +8,7 @@ metadata's `session_id`; through Ray's proxy the args hold no body.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import uuid
 from types import SimpleNamespace
@@ -41,8 +42,14 @@ class FakeReplica:
         }  # fmt: skip
         self.probes = 0
 
+        self.hold_until = 0  # probes stay unanswered until this many have been sent
+        self._answer = asyncio.Event()
+
     async def get_queue_len(self, *, deadline_s: float) -> int:
         self.probes += 1
+        if self.probes >= self.hold_until:
+            self._answer.set()
+        await self._answer.wait()
         return self.queue_len
 
 
@@ -53,6 +60,9 @@ async def router(demo_model_dir, monkeypatch):
     monkeypatch.setattr(ray_router, "LOAD_PROBE_INTERVAL_S", 0.0)
     r = CodeLlamaRouter(DEPLOYMENT, DeploymentHandleSource.UNKNOWN)
     r.initialize_state(model="demo", tokenizer=str(demo_model_dir))
+    # The fakes never count a request, and each one here has finished before the next
+    # is routed: no allowance for requests still on their way.
+    r.load.arrival_s = 0.0
     return r
 
 
@@ -115,6 +125,29 @@ async def test_routed_requests_count_as_load_until_the_next_probe(router, monkey
     picks = [await pick(router, [a, b], request(fim(3000 + i))) for i in range(1, 8)]
     assert picks == [home] * 4 + [other] * 3
     assert (a.probes, b.probes) == probes
+
+
+async def test_a_burst_of_concurrent_decisions_sees_each_other(router):
+    """Behind HAProxy, decisions run at once, each awaiting its own probe, and a
+    routed request is counted by its replica only once HAProxy has forwarded it.
+    Each decision must still see the ones made while its probe was in flight: one
+    session's burst spills over once its replica is max_imbalance (4) ahead."""
+    a, b = FakeReplica("a"), FakeReplica("b")
+    router.update_replicas([a, b])
+    for r in (a, b):
+        r.hold_until = 8  # every probe stays in flight until all eight are sent
+    plain = {"prompt": "def busy():", "max_tokens": 400}
+    picks: list[str] = []  # in the order decided (nothing awaits after a decision)
+
+    async def one() -> None:
+        picks.append(await pick(router, [a, b], request(plain, session="hot")))
+
+    await asyncio.gather(*(one() for _ in range(8)))  # all answer 0: none has arrived
+    assert router._failures == 0 and min(a.probes, b.probes) >= 8
+    home = picks[0]
+    other = "b" if home == "a" else "a"
+    assert picks == [home] * 5 + [other] * 3, picks
+    assert router.policy.overrides["session"] == 1
 
 
 async def test_session_header_then_user_field_keep_a_session_put(router):
