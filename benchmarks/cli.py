@@ -495,28 +495,31 @@ def _fake_server(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def _target(args: argparse.Namespace) -> Target | None:
+    """The endpoint the flags name, or None (said on stderr) without --base-url."""
+    from benchmarks.harness.client import Target
+
+    if not args.base_url:
+        print("codellama-serve bench: --base-url is required (or OPENAI_BASE_URL)", file=sys.stderr)
+        return None
+    return Target(args.base_url, api_key=args.api_key, model=args.model,
+                  metrics_url=args.metrics_url, name=args.name)  # fmt: skip
+
+
 def _run(
     args: argparse.Namespace,
     profile: Profile,
     runner_kwargs: dict[str, Any],
     log: Callable[[str], None],
 ) -> int:
-    from benchmarks.harness.client import Target
     from benchmarks.harness.report.as_markdown import run_markdown
     from benchmarks.harness.report.write import write_run_report
     from benchmarks.harness.results import WarmupFailed
     from benchmarks.harness.runner import Runner
 
-    if not args.base_url:
-        print("codellama-serve bench: --base-url is required (or OPENAI_BASE_URL)", file=sys.stderr)
+    target = _target(args)
+    if target is None:
         return 2
-    target = Target(
-        args.base_url,
-        api_key=args.api_key,
-        model=args.model,
-        metrics_url=args.metrics_url,
-        name=args.name,
-    )
     try:
         result = _run_async(Runner(profile, target, log=log, **runner_kwargs).run(), args.loop)
     except WarmupFailed as e:
@@ -573,21 +576,18 @@ def _capacity(
 ) -> int:
     from benchmarks.harness.capacity import Objective, Search, capacity_summary, judge
     from benchmarks.harness.capacity import probe_profile as at_load
-    from benchmarks.harness.client import Target
     from benchmarks.harness.report.capacity import capacity_markdown, write_capacity
     from benchmarks.harness.results import WarmupFailed
     from benchmarks.harness.runner import Runner
 
-    if not args.base_url:
-        print("codellama-serve bench: --base-url is required (or OPENAI_BASE_URL)", file=sys.stderr)
+    target = _target(args)
+    if target is None:
         return 2
     try:
         objectives = [Objective.parse(s) for s in args.slo]
     except ValueError as e:
         print(f"codellama-serve bench: {e}", file=sys.stderr)
         return 2
-    target = Target(args.base_url, api_key=args.api_key, model=args.model,
-                    metrics_url=args.metrics_url, name=args.name)  # fmt: skip
     closed = args.closed
 
     async def run(load: float) -> Any:
