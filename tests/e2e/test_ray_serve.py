@@ -1,150 +1,43 @@
-"""Cluster mode on a local Ray instance (CPU, demo model), through `codellama-serve serve --ray`.
+"""Cluster mode with two fixed replicas on a local Ray instance (CPU, demo model), through
+`codellama-serve serve --ray` with its defaults (HAProxy ingress, engine.ray_router's
+CodeLlamaRouter), one application for the module:
 
-One application for the module: it starts with 2 replicas (both must answer,
-streaming included), scales down to 1 when idle, up to 2 under a load step,
-and back to 1 when the load ends. Each transition's time is printed.
+- both replicas answer, streaming included; errors and metrics behave as standalone;
+- routing: FIM requests of one file and a session's requests stay on one replica, a busy
+  replica stops receiving the session's traffic, and the router's decisions are Ray metrics;
+- LoRA: every replica loads the same adapter from one `lora_modules`.
+
+The replica count is fixed: the routing tests need both replicas whatever the machine's
+pace. Autoscaling has its own application (test_ray_autoscaling.py).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import re
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
 import openai
-import psutil
 import pytest
-import yaml
 
-from tests.conftest import ROOT, free_port
+from .ray_app import serving
 
-pytestmark = [pytest.mark.ray, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(900)]
 
-REPLICAS = re.compile(r"^(\S+ \S+) INFO engine\.ray: replicas: (.*)$")
-
-
-class RayApp:
-    def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
-        config = {
-            "engine": {"model": "demo", "max_num_seqs": 8},
-            "ray": {
-                "ray_http_port": self.port,
-                "ray_metrics_port": None,
-                "min_replicas": 1,
-                "initial_replicas": 2,
-                "max_replicas": 2,
-                "upscale_delay_s": 2.0,
-                # Long enough that the light, sequential routing tests keep both
-                # replicas (the load guard needs two); the idle step below waits it out.
-                "downscale_delay_s": 30.0,
-                "autoscaling_look_back_s": 3.0,
-                "target_waiting_per_replica": 2.0,
-            },
-        }
-        cfg = tmp / "ray.yaml"
-        cfg.write_text(yaml.safe_dump(config))
-        self.log_path = tmp / "ray-serve.log"
-        with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "engine", "serve", "--ray", "--config", str(cfg)],
-                cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True,  # its session holds Ray's processes, orphans included
-            )  # fmt: skip
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def running(self) -> int | None:
-        """RUNNING replicas per the last 'replicas:' line the CLI logged."""
-        last = None
-        for line in self.log().splitlines():
-            m = REPLICAS.match(line)
-            if m:
-                states = dict(kv.split("=") for kv in m.group(2).split())
-                last = int(states.get("RUNNING", 0))
-        return last
-
-    def engine_cores(self) -> int:
-        """vLLM engine-core processes in the session of `serve --ray`: under Ray's
-        workers, or orphaned by one."""
-        # /proc's comm holds 15 characters: "VLLM::EngineCor".
-        return sum(
-            1 for p in psutil.process_iter()
-            if _sid(p.pid) == self.proc.pid and _name(p).startswith("VLLM::EngineCor")
-        )  # fmt: skip
-
-    def wait_running(self, n: int, timeout: float) -> float:
-        started = time.monotonic()
-        while self.running() != n:
-            assert self.proc.poll() is None, self.log()[-4000:]
-            assert time.monotonic() - started < timeout, (
-                f"never reached {n} running replicas:\n{self.log()[-3000:]}"
-            )
-            time.sleep(0.5)
-        return time.monotonic() - started
-
-
-def _name(p: psutil.Process) -> str:
-    try:
-        return p.name()
-    except psutil.Error:
-        return ""
-
-
-def _sid(pid: int) -> int | None:
-    try:
-        return os.getsid(pid)
-    except OSError:
-        return None
+ADAPTER = "demo-lora"
 
 
 @pytest.fixture(scope="module")
 def ray_app(tmp_path_factory):
-    app = RayApp(tmp_path_factory.mktemp("ray"))
-    try:
-        app.wait_running(2, timeout=420)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(app.url + "/ready", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, app.log()[-3000:]
-            time.sleep(0.5)
+    config = {
+        "engine": {"model": "demo", "max_num_seqs": 8},
+        "lora": {"enable_lora": True, "lora_modules": [f"{ADAPTER}=demo"], "max_loras": 1},
+        "ray": {"min_replicas": 2, "initial_replicas": 2, "max_replicas": 2},
+    }
+    with serving(tmp_path_factory.mktemp("ray"), config, replicas=2) as app:
         yield app
-    finally:
-        if app.proc.poll() is None:
-            app.proc.terminate()
-            try:
-                code = app.proc.wait(90)
-            except subprocess.TimeoutExpired:
-                app.proc.kill()
-                code = None
-            print(f"`serve --ray` exited with {code}")
-        _kill_session(app.proc.pid)
-
-
-def _kill_session(sid: int) -> None:
-    """Kill what is left in `serve --ray`'s session: Ray's processes and engines that
-    this test started, and no one else's (`ray stop` would stop every Ray on the machine)."""
-    left = [p for p in psutil.process_iter() if _sid(p.pid) == sid]
-    for p in left:
-        with contextlib.suppress(psutil.Error):
-            p.kill()
-    psutil.wait_procs(left, timeout=30)
 
 
 def test_both_replicas_answer_through_the_openai_client(ray_app):
@@ -281,31 +174,26 @@ def test_router_decisions_are_ray_metrics(ray_app):
     assert guarded, series  # the busy replica's override
 
 
-async def _load(url: str, stop: asyncio.Event) -> None:
-    body = {"prompt": "def busy():", "max_tokens": 400, "ignore_eos": True, "stream": True}
-    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
-        while not stop.is_set():
-            async with c.stream("POST", "/v1/completions", json=body) as r:
-                async for _ in r.aiter_lines():
-                    if stop.is_set():
-                        break
+def test_every_replica_serves_the_same_adapter(ray_app):
+    def ask(model: str) -> tuple[str, str, list[str]]:
+        body = {"model": model, "prompt": "def test_add(self):\n", "max_tokens": 24,
+                "temperature": 0}  # fmt: skip
+        r = httpx.post(ray_app.url + "/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        models = httpx.get(ray_app.url + "/v1/models", timeout=10).json()["data"]
+        return (r.headers["x-codellama-replica"], r.json()["choices"][0]["text"],
+                [m["id"] for m in models])  # fmt: skip
 
-
-async def test_autoscaling_follows_a_load_step(ray_app):
-    idle_down = ray_app.wait_running(1, timeout=120)
-    print(f"\nidle: 2 -> 1 replicas in {idle_down:.1f} s")
-    stop = asyncio.Event()
-    load = [asyncio.create_task(_load(ray_app.url, stop)) for _ in range(24)]
-    try:
-        up = await asyncio.to_thread(ray_app.wait_running, 2, 420)
-        print(f"load step (24 streams): 1 -> 2 replicas in {up:.1f} s")
-    finally:
-        stop.set()
-        await asyncio.gather(*load, return_exceptions=True)
-    down = ray_app.wait_running(1, timeout=180)
-    print(f"load ended: 2 -> 1 replicas in {down:.1f} s")
-    # A stopped replica takes its vLLM engine with it.
-    deadline = time.monotonic() + 60
-    while (engines := ray_app.engine_cores()) != 1:
-        assert time.monotonic() < deadline, f"{engines} engine-core processes for 1 replica"
-        await asyncio.sleep(1)
+    adapted: dict[str, set[str]] = {}
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(6):
+            for replica, text, models in pool.map(ask, [ADAPTER] * 8):
+                assert models == ["codellama-serve-demo", ADAPTER]
+                adapted.setdefault(replica, set()).add(text)
+            if len(adapted) == 2:
+                break
+    assert len(adapted) == 2, adapted  # both replicas answered for the adapter
+    texts = set().union(*adapted.values())
+    assert len(texts) == 1, adapted  # ... with the same weights
+    _, base, _ = ask("codellama-serve-demo")
+    assert base not in texts
