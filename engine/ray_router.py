@@ -22,6 +22,7 @@ import logging
 import random
 import time
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Any
 
@@ -37,6 +38,9 @@ log = logging.getLogger("engine.ray.router")
 # A replica's probed queue length is used for this long (plus what was routed to it
 # that the probe cannot have counted) before it is probed again.
 LOAD_PROBE_INTERVAL_S = 0.1
+
+# Loads routers' tokenizers off the event loop (a 13B model's takes seconds).
+_TOKENIZER_LOADER = ThreadPoolExecutor(1, thread_name_prefix="codellama-router-tokenizer")
 
 
 class CodeLlamaRouter(RequestRouter):
@@ -58,8 +62,12 @@ class CodeLlamaRouter(RequestRouter):
         self.policy = PrefixAffinity(
             PolicyConfig(max_imbalance, max_imbalance_ratio, session_affinity)
         )
-        self._tokenizer_source = (model, tokenizer, revision, download_dir)
-        self._prompts: CodeLlamaPrompts | None = None
+        # From start-up, on a thread: until it is loaded, requests are balanced on load
+        # alone rather than held (the first version loaded it on the first request, on
+        # the event loop, and held a burst ~2 s).
+        self.prompts_loading: Future[CodeLlamaPrompts] = _TOKENIZER_LOADER.submit(
+            _load_prompts, model, tokenizer, revision, download_dir
+        )
         self._waiting_limit = target_waiting_per_replica
         self._kv_limit = kv_cache_threshold
         self._max_chars = max_prompt_chars
@@ -118,9 +126,11 @@ class CodeLlamaRouter(RequestRouter):
         self, body: Mapping[str, Any] | None, candidates: list[RunningReplica]
     ) -> list[int]:
         block_size = max((_stat(r, "block_size") for r in candidates), default=0)
-        if body is None or block_size <= 0:  # no body, or no engine reported yet
+        prompts = self.prompts
+        # No body, no engine reported yet, or the tokenizer still loading.
+        if body is None or block_size <= 0 or prompts is None:
             return []
-        ids = engine_prompt(self.prompts, body, self._max_chars)
+        ids = engine_prompt(prompts, body, self._max_chars)
         return block_hashes(ids, int(block_size)) if ids else []
 
     async def _states(self, candidates: list[RunningReplica]) -> list[ReplicaState]:
@@ -142,11 +152,17 @@ class CodeLlamaRouter(RequestRouter):
         return ReplicaState(_rid(replica), ongoing, saturated)
 
     @property
-    def prompts(self) -> CodeLlamaPrompts:
-        """Code Llama's prompt formats on the model's tokenizer (loaded on first use)."""
-        if self._prompts is None:
-            self._prompts = CodeLlamaPrompts(load_tokenizer(*self._tokenizer_source))
-        return self._prompts
+    def prompts(self) -> CodeLlamaPrompts | None:
+        """Code Llama's prompt formats on the model's tokenizer; None while it loads (a
+        failed load raises here, and `choose_replicas` routes at random and logs it)."""
+        loading = self.prompts_loading
+        return loading.result() if loading.done() else None
+
+
+def _load_prompts(
+    model: str, tokenizer: str | None, revision: str | None, download_dir: str | None
+) -> CodeLlamaPrompts:
+    return CodeLlamaPrompts(load_tokenizer(model, tokenizer, revision, download_dir))
 
 
 def load_tokenizer(

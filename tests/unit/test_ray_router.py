@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import threading
 import uuid
 from types import SimpleNamespace
 
@@ -60,6 +61,7 @@ async def router(demo_model_dir, monkeypatch):
     monkeypatch.setattr(ray_router, "LOAD_PROBE_INTERVAL_S", 0.0)
     r = CodeLlamaRouter(DEPLOYMENT, DeploymentHandleSource.UNKNOWN)
     r.initialize_state(model="demo", tokenizer=str(demo_model_dir))
+    r.prompts_loading.result(timeout=60)
     # The fakes never count a request, and each one here has finished before the next
     # is routed: no allowance for requests still on their way.
     r.load.arrival_s = 0.0
@@ -176,6 +178,30 @@ async def test_bad_bodies_and_unreported_replicas_are_balanced(router):
     await pick(router, [a, b], request(fim(3000)))
     await pick(router, [a, b], request({"prompt": 5}))
     assert router.policy.decisions == {"balance": 2}
+
+
+async def test_while_the_tokenizer_loads_requests_are_balanced_not_held(
+    demo_model_dir, monkeypatch
+):
+    loaded = threading.Event()
+    real = ray_router.load_tokenizer
+
+    def slow(*args):
+        loaded.wait(30)
+        return real(*args)
+
+    monkeypatch.setattr(ray_router, "load_tokenizer", slow)
+    r = CodeLlamaRouter(DEPLOYMENT, DeploymentHandleSource.UNKNOWN)
+    r.initialize_state(model="demo", tokenizer=str(demo_model_dir))
+    a, b = FakeReplica("a"), FakeReplica("b")
+    r.update_replicas([a, b])
+    await asyncio.wait_for(pick(r, [a, b], request(fim(3000))), 5)
+    assert r.policy.decisions == {"balance": 1}
+    loaded.set()
+    r.prompts_loading.result(timeout=60)
+    first = await pick(r, [a, b], request(fim(3000)))  # its blocks are now known
+    assert await pick(r, [a, b], request(fim(3040))) == first
+    assert r.policy.decisions == {"balance": 2, "prefix": 1}
 
 
 async def test_a_replaced_replica_is_forgotten(router):
