@@ -39,9 +39,6 @@ log = logging.getLogger("engine.ray.router")
 # that the probe cannot have counted) before it is probed again.
 LOAD_PROBE_INTERVAL_S = 0.1
 
-# Loads routers' tokenizers off the event loop (a 13B model's takes seconds).
-_TOKENIZER_LOADER = ThreadPoolExecutor(1, thread_name_prefix="codellama-router-tokenizer")
-
 
 class CodeLlamaRouter(RequestRouter):
     """Ray Serve request router: `engine.prefix_routing`'s decision for every request."""
@@ -65,9 +62,13 @@ class CodeLlamaRouter(RequestRouter):
         # From start-up, on a thread: until it is loaded, requests are balanced on load
         # alone rather than held (the first version loaded it on the first request, on
         # the event loop, and held a burst ~2 s).
-        self.prompts_loading: Future[CodeLlamaPrompts] = _TOKENIZER_LOADER.submit(
+        # (The thread is made here: Ray pickles this class, and a module-level executor
+        # with it.)
+        loader = ThreadPoolExecutor(1, thread_name_prefix="codellama-router-tokenizer")
+        self.prompts_loading: Future[CodeLlamaPrompts] = loader.submit(
             _load_prompts, model, tokenizer, revision, download_dir
         )
+        loader.shutdown(wait=False)  # its thread ends once the tokenizer is loaded
         self._waiting_limit = target_waiting_per_replica
         self._kv_limit = kv_cache_threshold
         self._max_chars = max_prompt_chars

@@ -231,3 +231,17 @@ async def test_routing_errors_never_fail_a_request(router, monkeypatch):
     monkeypatch.setattr(router.policy, "choose", broken)
     ranks = await router.choose_replicas([a, b], request(fim(3000)))
     assert len(ranks) == 1 and sorted(map(id, ranks[0])) == sorted(map(id, [a, b]))
+
+
+def test_the_router_class_pickles_by_value():
+    """Ray ships the request-router class to every process that routes, by value when
+    the module is not importable there by reference: nothing unpicklable at module level
+    (a module-level thread pool once made Ray refuse the deployment)."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(ray_router)
+    try:
+        clone = cloudpickle.loads(cloudpickle.dumps(CodeLlamaRouter))
+    finally:
+        cloudpickle.unregister_pickle_by_value(ray_router)
+    assert clone.__name__ == "CodeLlamaRouter"
