@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -196,12 +198,47 @@ def _replica_ports(timeout_s: float = 300) -> dict[str, int]:
 class RayTarget:
     """One application of a Ray driver, as a target for `server_trial`."""
 
-    def __init__(self, name: str, url: str) -> None:
-        self.name, self.url = name, url
+    def __init__(self, name: str, url: str, session: int) -> None:
+        self.name, self.url, self.session = name, url, session
 
     def cpu(self) -> tuple[float, float]:
-        # The apps share the Ray processes: per-target CPU is not separable.
-        return 0.0, 0.0
+        """(outside the engines, the engines) CPU seconds of the driver's session: Ray's
+        processes, HAProxy, the replicas' HTTP and app; then the vLLM engine cores. The
+        apps of one instance share them: per app it is the instance's, while this app
+        alone has load."""
+        by_kind = cpu_by_kind(self.session)
+        return sum(v for k, v in by_kind.items() if k != "engine"), by_kind.get("engine", 0.0)
+
+
+# Process titles (Ray's actors set theirs to `ray::<actor>`) by what they do, first
+# match wins.
+KINDS = (
+    ("engine", "VLLM::EngineCor"),
+    ("haproxy", "haproxy"),
+    ("ingress router", "IngressRouter"),
+    ("replica", "ray::ServeReplica"),
+    ("proxy", "ray::ProxyActor"),
+    ("controller", "ray::ServeController"),
+)
+
+
+def cpu_by_kind(session: int) -> dict[str, float]:
+    """CPU seconds so far of every process in `session`, by kind (KINDS; the rest is
+    "ray system": raylet, GCS, agents, the driver)."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) != session:
+                continue
+            name = " ".join(proc.cmdline()[:1]) or proc.name()
+            t = proc.cpu_times()
+        except (psutil.Error, OSError):
+            continue
+        kind = next((k for k, part in KINDS if part in name), "ray system")
+        out[kind] = out.get(kind, 0.0) + t.user + t.system
+    return out
 
 
 def start_mode(mode: str, out: Path, stream_batching_ms: float | None) -> ServerProcess:
@@ -229,10 +266,10 @@ def mode_targets(mode: str, server: ServerProcess) -> list[RayTarget]:
         bases = {ms: f"http://127.0.0.1:{ports[f'/c{ms}']}/c{ms}" for ms in COALESCE_MS}
     else:
         bases = {ms: f"{server.base_url}/c{ms}" for ms in COALESCE_MS}
-    targets = [RayTarget(target_name(mode, ms), url) for ms, url in bases.items()]
+    targets = [RayTarget(target_name(mode, ms), url, server.pid) for ms, url in bases.items()]
     if mode == "proxy":
         server.wait_ready(600, path="/rayllm/v1/models")  # once Ray's engine is up
-        targets.append(RayTarget("ray-llm", server.base_url + "/rayllm"))
+        targets.append(RayTarget("ray-llm", server.base_url + "/rayllm", server.pid))
     return targets
 
 
@@ -248,12 +285,22 @@ def run_mode(
         for t in targets:  # each fresh instance warms up, not reported
             server_trial(t, WARMUP, prompts, out, rnd)
         for t in targets:
+            before = cpu_by_kind(server.pid)
             trials.append(server_trial(t, LOAD, prompts, out, rnd))
+            _record_cpu(out, trials[-1], before, cpu_by_kind(server.pid))
             print(f"round {rnd} {t.name}: {_line(trials[-1])}", flush=True)
     finally:
         # The driver's session holds its Ray (raylet, workers, HAProxy): all of it goes.
         server.stop(timeout=120)
     return trials
+
+
+def _record_cpu(out: Path, t: Trial, before: dict[str, float], after: dict[str, float]) -> None:
+    """The trial's CPU by process kind, in µs per output token, to cpu_by_kind.jsonl."""
+    tokens = t.output_tokens or 1
+    us = {k: (after[k] - before.get(k, 0.0)) / tokens * 1e6 for k in after}
+    with (out / "cpu_by_kind.jsonl").open("a") as f:
+        f.write(json.dumps({"target": t.target, "round": t.round, "us_per_token": us}) + "\n")
 
 
 def _line(t: Trial) -> str:
@@ -303,7 +350,42 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
             f"{fmt(t['median_tpot_ms'], '.2f')} | {t['failed']} |"
         )
     lines += ["", *_goals(s, std), "", *_issue6_ratios(s, std)]
+    lines += ["", *_cpu_table(s, meta.get("cpu_us_per_token") or {})]
     return "\n".join(lines) + "\n"
+
+
+def cpu_profile(path: Path) -> dict[str, dict[str, float]]:
+    """target -> process kind -> median CPU µs per output token over the rounds."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    by: dict[str, dict[str, list[float]]] = {}
+    for row in rows:
+        for kind, us in row["us_per_token"].items():
+            by.setdefault(row["target"], {}).setdefault(kind, []).append(us)
+    return {t: {k: statistics.median(v) for k, v in kinds.items()} for t, kinds in by.items()}
+
+
+def _cpu_table(s: dict[str, Any], profile: dict[str, dict[str, float]]) -> list[str]:
+    """Where the CPU went, per output token: the profile of each target's trials."""
+    kinds = [k for k, _ in KINDS if k != "engine"] + ["ray system"]
+    lines = [
+        "CPU µs per output token (medians; Ray's are the whole instance's while the target "
+        "alone had load; standalone's frontend is its one process):",
+        "",
+        "| Target | engine | outside the engine | " + " | ".join(kinds) + " |",
+        "|---|" + "---:|" * (len(kinds) + 2),
+    ]
+    for name, t in s.items():
+        per_kind = profile.get(name, {})
+        cells = [fmt(per_kind.get(k), ",.0f") if per_kind else "–" for k in kinds]
+        lines.append(
+            f"| {name} | {fmt(_us(t.get('engine_cpu_ms_per_tok')), ',.0f')} | "
+            f"{fmt(_us(t.get('frontend_cpu_ms_per_tok')), ',.0f')} | " + " | ".join(cells) + " |"
+        )
+    return lines
+
+
+def _us(ms: float | None) -> float | None:
+    return None if ms is None else ms * 1e3
 
 
 def _added(t: dict[str, Any], std: dict[str, Any]) -> str:
@@ -399,8 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         standalone.stop()
     meta = run_meta(
-        PROG, argv, args.trials, modes=modes, stream_batching_ms=args.stream_batching_ms
-    )
+        PROG, argv, args.trials, modes=modes, stream_batching_ms=args.stream_batching_ms,
+        cpu_us_per_token=cpu_profile(out / "cpu_by_kind.jsonl"),
+    )  # fmt: skip
     write_report(out, "ray_modes", trials, meta, markdown)
     return 0
 

@@ -3,6 +3,7 @@ server (named so: no engine here), and their tables and verdicts."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -98,6 +99,24 @@ def test_ray_modes_table_checks_each_ingress_against_the_goals() -> None:
     assert "| ray-proxy-c100 | ✓" not in table
     assert "| ray-proxy-c100 | proxy: Ray's Python proxy | 100 ms | 900 | 0.90× |" in table
     assert "serve --ray's default" in table
+
+
+def test_ray_modes_profile_is_the_median_cpu_per_token_by_process_kind(tmp_path) -> None:
+    rows = [
+        {"target": "ray-ours", "round": r, "us_per_token": {"haproxy": us, "replica": 2 * us}}
+        for r, us in enumerate((10.0, 30.0, 20.0))
+    ]
+    path = tmp_path / "cpu_by_kind.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    profile = ray_modes.cpu_profile(path)
+    assert profile == {"ray-ours": {"haproxy": 20.0, "replica": 40.0}}
+    table = ray_modes.markdown(
+        summarize([trial("standalone", "stream-64", 1000), trial("ray-ours", "stream-64", 900)]),
+        {"date": "d", "command": "c", "engine": {}, "rounds": 3, "cpu_us_per_token": profile},
+    )
+    # haproxy, ingress router, replica, proxy, controller, ray system
+    assert "| 20 | – | 40 | – | – | – |" in table
+    assert ray_modes.cpu_profile(tmp_path / "none.jsonl") == {}
 
 
 def test_ray_modes_names_every_mode_and_target() -> None:
