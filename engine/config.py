@@ -40,7 +40,7 @@ CODELLAMA_MAX_MODEL_LEN = 16384
 # each, docs/performance.md); a local socket write is cheap.
 RAY_STREAM_COALESCE_MS = 100.0
 # Ray's HAProxy ingress forwards straight to the replicas' own HTTP servers: a stream's
-# writes are socket writes, as standalone (docs/performance.md, "Ray ingress modes").
+# writes are socket writes, as standalone (docs/performance.md, "Ingress modes").
 DEFAULT_RAY_INGRESS = "haproxy"
 
 Mode = Literal["standalone", "ray"]
