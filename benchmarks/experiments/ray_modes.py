@@ -219,12 +219,14 @@ KINDS = (
     ("replica", "ray::ServeReplica"),
     ("proxy", "ray::ProxyActor"),
     ("controller", "ray::ServeController"),
+    ("raylet", "raylet"),
+    ("gcs", "gcs_server"),
 )
 
 
 def cpu_by_kind(session: int) -> dict[str, float]:
     """CPU seconds so far of every process in `session`, by kind (KINDS; the rest is
-    "ray system": raylet, GCS, agents, the driver)."""
+    "ray system": Ray's agents, monitors and idle workers)."""
     import psutil
 
     out: dict[str, float] = {}
@@ -232,11 +234,14 @@ def cpu_by_kind(session: int) -> dict[str, float]:
         try:
             if os.getsid(proc.pid) != session:
                 continue
-            name = " ".join(proc.cmdline()[:1]) or proc.name()
+            argv = proc.cmdline() or [proc.name()]
             t = proc.cpu_times()
         except (psutil.Error, OSError):
             continue
-        kind = next((k for k, part in KINDS if part in name), "ray system")
+        if "--ray-driver" in argv:  # this script's Ray driver: serve.run, then it waits
+            kind = "driver"
+        else:
+            kind = next((k for k, part in KINDS if part in argv[0]), "ray system")
         out[kind] = out.get(kind, 0.0) + t.user + t.system
     return out
 
@@ -366,7 +371,7 @@ def cpu_profile(path: Path) -> dict[str, dict[str, float]]:
 
 def _cpu_table(s: dict[str, Any], profile: dict[str, dict[str, float]]) -> list[str]:
     """Where the CPU went, per output token: the profile of each target's trials."""
-    kinds = [k for k, _ in KINDS if k != "engine"] + ["ray system"]
+    kinds = [k for k, _ in KINDS if k != "engine"] + ["driver", "ray system"]
     lines = [
         "CPU µs per output token (medians; Ray's are the whole instance's while the target "
         "alone had load; standalone's frontend is its one process):",

@@ -114,8 +114,8 @@ def test_ray_modes_profile_is_the_median_cpu_per_token_by_process_kind(tmp_path)
         summarize([trial("standalone", "stream-64", 1000), trial("ray-ours", "stream-64", 900)]),
         {"date": "d", "command": "c", "engine": {}, "rounds": 3, "cpu_us_per_token": profile},
     )
-    # haproxy, ingress router, replica, proxy, controller, ray system
-    assert "| 20 | – | 40 | – | – | – |" in table
+    # haproxy, ingress router, replica, proxy, controller, raylet, gcs, driver, ray system
+    assert "| 20 | – | 40 | – | – | – | – | – | – |" in table
     assert ray_modes.cpu_profile(tmp_path / "none.jsonl") == {}
 
 
