@@ -203,7 +203,7 @@ class RayTarget:
 
     def cpu(self) -> tuple[float, float]:
         """(outside the engines, the engines) CPU seconds of the driver's session: Ray's
-        processes, HAProxy, the replicas' HTTP and app; then the vLLM engine cores. The
+        processes, HAProxy, the replicas' HTTP and app; then vLLM's processes. The
         apps of one instance share them: per app it is the instance's, while this app
         alone has load."""
         by_kind = cpu_by_kind(self.session)
@@ -213,7 +213,7 @@ class RayTarget:
 # Process titles (Ray's actors set theirs to `ray::<actor>`) by what they do, first
 # match wins.
 KINDS = (
-    ("engine", "VLLM::EngineCor"),
+    ("engine", "VLLM::"),  # EngineCore and its Worker (the model runs there on CPU)
     ("haproxy", "haproxy"),
     ("ingress router", "IngressRouter"),
     ("replica", "ray::ServeReplica"),
