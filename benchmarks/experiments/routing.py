@@ -337,8 +337,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--editor-s", type=float, default=60.0, help="editor workload duration")
     p.add_argument(
         "--groups", type=int, default=40,
-        help="shared-prefix groups (40 x 1,600 tokens: more than one replica's KV cache "
-        "holds, half of them less)",
+        help="shared-prefix groups (40 x 1,600 tokens: far more than one replica's KV cache "
+        "holds, while half of them nearly fit)",
     )  # fmt: skip
     p.add_argument("--per-group", type=int, default=6, help="shared-prefix requests per group")
     p.add_argument("--prefix-tokens", type=int, default=1536, help="shared-prefix length")
