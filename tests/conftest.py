@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,15 +27,24 @@ def start_server(tmp_dir: Path, *args: str, env: dict[str, str] | None = None) -
     )
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """The session's real server: vLLM on the demo model, access log on."""
-    srv = start_server(tmp_path_factory.mktemp("server"), "--access-log")
+@contextlib.contextmanager
+def serving(
+    tmp_dir: Path, *args: str, env: dict[str, str] | None = None
+) -> Iterator[ServerProcess]:
+    """`start_server`'s server once it is ready; stopped on the way out (ready or not)."""
+    srv = start_server(tmp_dir, *args, env=env)
     try:
         srv.wait_ready()
         yield srv
     finally:
         srv.stop()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """The session's real server: vLLM on the demo model, access log on."""
+    with serving(tmp_path_factory.mktemp("server"), "--access-log") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="session")

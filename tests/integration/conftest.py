@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.conftest import ServerProcess, start_server
+from tests.conftest import ServerProcess, serving
 from tests.otlp_receiver import OTLPReceiver
 
 OPS_KEY = "sk-ops-unlimited-0123456789"
@@ -53,7 +53,7 @@ def ops(
     keys.write_text(
         f"{OPS_KEY} name=ops\n{BURST_KEY} name=burst rpm=10\n{TPM_KEY} name=tokens tpm={TPM}\n"
     )
-    srv = start_server(
+    with serving(
         tmp,
         "--api-keys-file", str(keys), "--access-log",
         "--otlp-traces-endpoint", otlp_receiver.endpoint,
@@ -63,9 +63,5 @@ def ops(
             "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
             "OTEL_BSP_SCHEDULE_DELAY": "200",  # ms: spans reach the receiver quickly
         },
-    )  # fmt: skip
-    try:
-        srv.wait_ready()
+    ) as srv:  # fmt: skip
         yield OpsServer(srv, otlp_receiver)
-    finally:
-        srv.stop()

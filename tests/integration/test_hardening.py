@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess, start_server
+from tests.conftest import ServerProcess, serving
 
 ALICE = "sk-alice-0123456789"
 BOB = "sk-bob-limited"
@@ -19,17 +19,13 @@ BATCH, WAITING = 4, 4  # the queue bound: BATCH + WAITING sequences admitted
 @pytest.fixture(scope="module")
 def hardened(tmp_path_factory) -> ServerProcess:
     tmp = tmp_path_factory.mktemp("hardened")
-    srv = start_server(
+    with serving(
         tmp,
         "--api-keys", f"{ALICE} name=alice, {BOB} name=bob rpm=3",
         "--max-num-seqs", str(BATCH), "--max-waiting-requests", str(WAITING),
         "--request-timeout-s", "4",
-    )  # fmt: skip
-    try:
-        srv.wait_ready()
+    ) as srv:  # fmt: skip
         yield srv
-    finally:
-        srv.stop()
 
 
 def auth(key: str = ALICE) -> dict[str, str]:

@@ -30,7 +30,7 @@ import schemathesis
 from schemathesis.generation.modes import GenerationMode
 
 from engine.demo_lora import DEMO_LORA_NAME, ensure_demo_lora
-from tests.conftest import ServerProcess, start_server
+from tests.conftest import ServerProcess, serving
 
 pytestmark = pytest.mark.engine
 
@@ -79,20 +79,16 @@ def lora_server(
         f"{ANY} name=any\n"
     )
     started = time.monotonic()
-    srv = start_server(
+    with serving(
         tmp, "--access-log", "--api-keys-file", str(keys),
         "--enable-lora", "--lora-modules", f"{ADAPTER}={adapter_dir}",
         "--max-loras", str(MAX_LORAS), "--max-lora-rank", "8",
         "--max-cpu-loras", str(MAX_CPU_LORAS), "--allow-runtime-lora-updating",
         "--speculative-config", json.dumps(NGRAM),
         "--structured-outputs-config", json.dumps(STRUCTURED),
-    )  # fmt: skip
-    try:
-        srv.wait_ready()
+    ) as srv:  # fmt: skip
         print(f"LoRA server ready in {time.monotonic() - started:.1f} s")
         yield srv
-    finally:
-        srv.stop()
 
 
 def auth(key: str = ANY) -> dict[str, str]:

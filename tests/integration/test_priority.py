@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess, start_server
+from tests.conftest import ServerProcess, serving
 
 CI, CI_2, EDITOR, PLAIN = "sk-ci-batch", "sk-ci-other", "sk-editor", "sk-plain"
 BATCH, WAITING = 2, 16  # bounds: interactive 2 + 16, default 2 + 12, batch 2 + 8
@@ -33,19 +33,15 @@ def prio(tmp_path_factory) -> ServerProcess:
         f"{CI} name=ci priority=batch\n{CI_2} name=ci-2 priority=batch\n"
         f"{EDITOR} name=editor priority=interactive\n{PLAIN} name=plain\n"
     )
-    srv = start_server(
+    with serving(
         tmp,
         "--access-log", "--api-keys-file", str(keys), "--scheduling-policy", "priority",
         "--max-num-seqs", str(BATCH), "--max-waiting-requests", str(WAITING),
         "--cpu-kvcache-space-gib", repr(KV_GIB), "--max-model-len", str(MAX_MODEL_LEN),
         "--no-enable-prefix-caching", "--fim-priority-class", "interactive",
         "--fim-priority-max-tokens", "16",
-    )  # fmt: skip
-    try:
-        srv.wait_ready()
+    ) as srv:  # fmt: skip
         yield srv
-    finally:
-        srv.stop()
 
 
 def auth(key: str) -> dict[str, str]:

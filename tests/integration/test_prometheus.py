@@ -38,7 +38,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import ROOT, ServerProcess, free_port, start_server
+from tests.conftest import ROOT, ServerProcess, free_port, serving
 from tests.prom_reference import Reference, Unsupported, agrees, operands, parse_metrics
 
 pytestmark = pytest.mark.timeout(600)
@@ -97,16 +97,12 @@ def prometheus_binary() -> str:
 
 @pytest.fixture(scope="module")
 def metrics_server(tmp_path_factory) -> Iterator[ServerProcess]:
-    srv = start_server(
+    with serving(
         tmp_path_factory.mktemp("prom-server"),
         "--max-num-seqs", str(BATCH), "--max-waiting-requests", str(WAITING),
         "--request-timeout-s", "2",
-    )  # fmt: skip
-    try:
-        srv.wait_ready()
+    ) as srv:  # fmt: skip
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")

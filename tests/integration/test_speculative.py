@@ -14,7 +14,7 @@ import re
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess, start_server
+from tests.conftest import ServerProcess, serving
 
 K = 4
 NGRAM = json.dumps(
@@ -30,12 +30,8 @@ PROMPTS = [REWRITE, "import os\nimport sys\nimport os\nimport", "def fibonacci(n
 
 @pytest.fixture(scope="module")
 def speculative(tmp_path_factory) -> ServerProcess:
-    srv = start_server(tmp_path_factory.mktemp("speculative"), "--speculative-config", NGRAM)
-    try:
-        srv.wait_ready()
+    with serving(tmp_path_factory.mktemp("speculative"), "--speculative-config", NGRAM) as srv:
         yield srv
-    finally:
-        srv.stop()
 
 
 def complete(srv: ServerProcess, prompt: str, **extra) -> httpx.Response:

@@ -17,7 +17,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import ServerProcess, start_server
+from tests.conftest import ServerProcess, serving
 
 MODEL = "codellama-serve-demo"
 SCHEMA = {
@@ -42,15 +42,11 @@ GRAMMAR_TEXT = r"def [a-z][a-z_]{0,8}\([a-z][a-z_]{0,8}\):"
 
 @pytest.fixture(scope="module")
 def structured(tmp_path_factory) -> ServerProcess:
-    srv = start_server(
+    with serving(
         tmp_path_factory.mktemp("structured"),
         "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
-    )  # fmt: skip
-    try:
-        srv.wait_ready()
+    ) as srv:  # fmt: skip
         yield srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture(scope="module")
