@@ -112,6 +112,7 @@ def request_router_config(settings: ResolvedSettings) -> dict[str, Any] | None:
             "kv_cache_threshold": r.kv_cache_scale_up_threshold,
             # Far more text than the context holds (a token is ~4 characters of code).
             "max_prompt_chars": MAX_CHARS_PER_TOKEN * (e.max_model_len or 0) or None,
+            "log_level": settings.server.log_level,
         }  # fmt: skip
     return {
         "request_router_class": cls,

@@ -29,6 +29,7 @@ from typing import Any
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 from engine.codellama import CodeLlamaPrompts
+from engine.logs import configure_logging
 from engine.prefix_routing import Decision, PolicyConfig, PrefixAffinity, ReplicaState
 from engine.routed_load import RoutedLoad
 from engine.routing_key import block_hashes, engine_prompt, session_key
@@ -55,7 +56,9 @@ class CodeLlamaRouter(RequestRouter):
         target_waiting_per_replica: float = 8.0,
         kv_cache_threshold: float = 0.9,
         max_prompt_chars: int | None = None,
+        log_level: str = "info",
     ) -> None:
+        configure_logging(log_level)  # the server's level: "debug" logs each decision
         self.policy = PrefixAffinity(
             PolicyConfig(max_imbalance, max_imbalance_ratio, session_affinity)
         )
@@ -121,6 +124,10 @@ class CodeLlamaRouter(RequestRouter):
         self.policy.record(decision, blocks, session)
         self.load.routed(decision.replica_id, time.monotonic())
         self._metrics.observe(decision)
+        if log.isEnabledFor(logging.DEBUG):  # the decision log (--log-level debug)
+            loads = {s.replica_id: (s.ongoing, s.saturated) for s in states}
+            log.debug("routed to %s by %s (guard %s); ongoing, saturated: %s",
+                      decision.replica_id, decision.reason, decision.guard, loads)  # fmt: skip
         return next(r for r in candidates if _rid(r) == decision.replica_id)
 
     def _blocks(

@@ -14,6 +14,7 @@ pace. Autoscaling has its own application (test_ray_autoscaling.py).
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -107,41 +108,47 @@ def test_sessions_stay_on_one_replica(ray_app):
         assert len({_replica(ray_app.url, {**body, "user": user}) for _ in range(6)}) == 1
 
 
-async def _hold_stream(url: str, session: str, seen: list[str], all_seen: asyncio.Event,
-                       stop: asyncio.Event) -> None:  # fmt: skip
-    # The demo model writes 400 tokens in well under a second on this CPU: streams that
-    # short never overlap enough to make a replica busy. 1,500 (of its 2,048) do.
-    body = {"prompt": "def busy():", "max_tokens": 1500, "ignore_eos": True, "stream": True}
-    async with (
-        httpx.AsyncClient(base_url=url, timeout=120) as c,
-        c.stream("POST", "/v1/completions", json=body, headers={"X-Session-Id": session}) as r,
-    ):
-        seen.append(r.headers["x-codellama-replica"])
-        if len(seen) == 12:
+BURST = 12  # one session's streams, 0.3 s apart
+
+
+async def _hold_stream(client: httpx.AsyncClient, n: int, seen: dict[int, str],
+                       all_seen: asyncio.Event, stop: asyncio.Event) -> None:  # fmt: skip
+    # Never read, so each stays ongoing on its replica until the test closes it: its
+    # events (1,500 tokens with 5 logprobs each, about 1 MB) outgrow what the client's
+    # small receive buffer, HAProxy and the replica's socket hold, and the replica's
+    # writes wait. (Streams read to their end overlapped only by luck: on this 2-core
+    # machine a client reading them, or building an SSL context per stream, starved
+    # its own event loop for seconds, and the burst went out one request per stream.)
+    body = {"prompt": "def busy():", "max_tokens": 1500, "ignore_eos": True, "stream": True,
+            "logprobs": 5}  # fmt: skip
+    headers = {"X-Session-Id": "hot"}
+    async with client.stream("POST", "/v1/completions", json=body, headers=headers) as r:
+        seen[n] = r.headers["x-codellama-replica"]
+        if len(seen) == BURST:
             all_seen.set()
-        async for _ in r.aiter_lines():
-            if stop.is_set():
-                break
+        await stop.wait()
 
 
 async def test_a_busy_replica_stops_receiving_the_sessions_traffic(ray_app):
     """One session opening many long streams: affinity keeps it on its replica only
     until that replica is routing_max_imbalance (4) requests ahead of the other."""
-    seen: list[str] = []
+    seen: dict[int, str] = {}  # by the order sent
     all_seen, stop = asyncio.Event(), asyncio.Event()
     streams = []
-    try:
-        for _ in range(12):
-            streams.append(
-                asyncio.create_task(_hold_stream(ray_app.url, "hot", seen, all_seen, stop))
-            )
-            await asyncio.sleep(0.3)  # each one in flight before the next is routed
-        await asyncio.wait_for(all_seen.wait(), 60)
-    finally:
-        stop.set()
-        await asyncio.gather(*streams, return_exceptions=True)
-    assert len(set(seen)) == 2, seen
-    assert seen[:5] == [seen[0]] * 5, seen  # affinity first, within the bound
+    small_buffer = [(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)]
+    transport = httpx.AsyncHTTPTransport(socket_options=small_buffer)
+    async with httpx.AsyncClient(base_url=ray_app.url, timeout=120, transport=transport) as client:
+        try:
+            for n in range(BURST):
+                streams.append(asyncio.create_task(_hold_stream(client, n, seen, all_seen, stop)))
+                await asyncio.sleep(0.3)  # each one in flight before the next is routed
+            await asyncio.wait_for(all_seen.wait(), 60)
+        finally:
+            stop.set()
+            await asyncio.gather(*streams, return_exceptions=True)
+    replicas = [seen[n] for n in range(BURST)]
+    assert len(set(replicas)) == 2, replicas
+    assert replicas[:5] == [replicas[0]] * 5, replicas  # affinity first, within the bound
 
 
 def _ray_metrics() -> str:

@@ -52,7 +52,11 @@ async def test_an_editor_run_cancels_on_keystrokes_and_shows_what_finishes_in_ti
     assert app.aborted <= e["requests_cancelled"]
     w = e["wasted_output_tokens"]
     assert w["source"] == "server" and w["value"] == app.aborted_tokens > 0
-    assert 0 < w["client_partial_streams"] <= w["value"]
+    # The client's partial streams are a lower bound of the server's aborted tokens, but
+    # for the cancels that raced their last token: those the server finished (a 200) and
+    # counted as generated, not aborted.
+    partial = sorted((len(r.token_times) for r in res.records if r.cancelled), reverse=True)
+    assert 0 < w["client_partial_streams"] <= w["value"] + sum(partial[:finished_unseen])
     # Successive requests of a session share their prefix: the fake's cache hits.
     assert e["prefix_cache_hit_rate"] > 0.3
     # Shown latency runs from the debounce to the last token: at least 32 tokens' worth.

@@ -47,6 +47,7 @@ def test_the_deployment_gets_the_chosen_router():
     assert kwargs["model"] == "demo" and kwargs["max_imbalance"] == 6
     # The load guard's saturation thresholds are the autoscaler's.
     assert (kwargs["target_waiting_per_replica"], kwargs["kv_cache_threshold"]) == (8.0, 0.9)
+    assert kwargs["log_level"] == "info"  # the server's: "debug" logs each decision
     # Every keyword is one the router takes.
     from engine.ray_router import CodeLlamaRouter
 

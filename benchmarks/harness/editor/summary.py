@@ -48,7 +48,9 @@ def wasted_tokens(cancelled: Sequence[RequestRecord], server: dict[str, Any]) ->
     """Tokens generated for cancelled requests: the server's count where it keeps one.
 
     The client's own figure counts the token-carrying chunks its cancelled streams
-    had received: a lower bound (the server was generating more when the client left).
+    had received: a lower bound (the server was generating more when the client left),
+    but for a cancel that raced the stream's last token, which the server counts as
+    finished rather than aborted.
     """
     client = sum(len(r.token_times) for r in cancelled)
     by_reason = (server.get("counters") or {}).get("aborted_generation_tokens_by_label")
