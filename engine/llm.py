@@ -24,6 +24,12 @@ from engine.config import DEMO_LORA, ResolvedSettings
 
 log = logging.getLogger(__name__)
 
+# How long vLLM's engine core waits for its worker process to exit by itself before
+# it sends SIGTERM (vLLM's default: 5 s). On CPU the worker never does, and our
+# process waits 5 s for the engine core: every stop then took 5 s more and ended in a
+# SIGKILL of both. By the time the engine stops nothing is in flight (drained).
+WORKER_EXIT_WAIT_S = 1
+
 GIB = 1 << 30
 
 
@@ -406,6 +412,8 @@ class Engine:
         path = str(ensure_demo_model()) if settings.is_demo else name
         args = engine_args(settings, path)
         log.info("starting vLLM engine for %s (%s)", name, "GPU" if settings.gpu else "CPU")
+        # Read by the engine-core process it starts (it inherits the environment).
+        os.environ.setdefault("VLLM_WORKER_SHUTDOWN_TIMEOUT_SECONDS", str(WORKER_EXIT_WAIT_S))
         started = time.monotonic()
         self._llm = AsyncLLM.from_engine_args(
             args,
