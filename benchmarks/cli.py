@@ -10,7 +10,7 @@ import asyncio
 import datetime as dt
 import os
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -537,9 +537,7 @@ def _run(
         command=sys.argv,
         plots=not args.no_plots,
     )
-    if not args.quiet:
-        print(run_markdown(result))
-        print(f"report: {paths['json']}  {paths['markdown']}", file=sys.stderr)
+    _show(args, run_markdown(result), paths)
     return _exit_code(args, [result])
 
 
@@ -562,9 +560,7 @@ def _compare(
         return 2
     out = _out_dir(args, f"compare-{profile.name}")
     paths = write_comparison(cmp, out, command=sys.argv, with_requests=args.save_requests)
-    if not args.quiet:
-        print(comparison_markdown(cmp))
-        print(f"report: {paths['json']}  {paths['markdown']}", file=sys.stderr)
+    _show(args, comparison_markdown(cmp), paths)
     return _exit_code(args, [r for runs in cmp.results.values() for r in runs])
 
 
@@ -614,10 +610,15 @@ def _capacity(
     data["command"] = sys.argv
     title = f"{profile.name} · {target.label}"
     paths = write_capacity(data, _out_dir(args, f"capacity-{profile.name}"), title)
-    if not args.quiet:
-        print(capacity_markdown(data, title))
-        print(f"report: {paths['json']}  {paths['markdown']}", file=sys.stderr)
+    _show(args, capacity_markdown(data, title), paths)
     return 0 if capacity is not None else 1
+
+
+def _show(args: argparse.Namespace, markdown: str, paths: Mapping[str, Path]) -> None:
+    """The report's tables on stdout and where it was written on stderr (unless --quiet)."""
+    if not args.quiet:
+        print(markdown)
+        print(f"report: {paths['json']}  {paths['markdown']}", file=sys.stderr)
 
 
 def _selftest(args: argparse.Namespace) -> int:

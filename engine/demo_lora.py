@@ -15,8 +15,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from typing import Any
 from engine.demo_model import (
     DemoModelSpec,
     _single_threaded_torch,
+    build_in_place,
     corpus_text,
     default_cache_root,
     demo_model_path,
@@ -89,17 +88,7 @@ def ensure_demo_lora(
     if _complete(target):
         return target
     base_dir = ensure_demo_model(base_spec, cache_root)
-    # Built beside the target and renamed into place, as the demo model is.
-    tmp = Path(tempfile.mkdtemp(prefix=".building-lora-", dir=target.parent))
-    try:
-        build_demo_lora(tmp, base_dir, spec)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not _complete(target):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    build_in_place(target, lambda out: build_demo_lora(out, base_dir, spec), _complete)
     return target
 
 

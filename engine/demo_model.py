@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -91,22 +92,32 @@ def ensure_demo_model(spec: DemoModelSpec | None = None, cache_root: Path | None
     """Return the cached demo model directory, building it first if missing."""
     spec = spec or DemoModelSpec()
     target = demo_model_path(spec, cache_root)
-    if (target / "model.safetensors").is_file():
-        return target
+    if not _model_complete(target):
+        build_in_place(target, lambda out: build_demo_model(out, spec), _model_complete)
+    return target
+
+
+def _model_complete(path: Path) -> bool:
+    return (path / "model.safetensors").is_file()
+
+
+def build_in_place(
+    target: Path, build: Callable[[Path], None], complete: Callable[[Path], bool]
+) -> None:
+    """Build into a fresh directory beside `target`, then rename it into place: a crashed
+    or concurrent build never leaves a half-written model where a server would load it
+    (if another build got there first, its result stands)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target and rename: a crashed or concurrent build never
-    # leaves a half-written model where the server would load it.
-    tmp = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".building-{target.name}-", dir=target.parent))
     try:
-        build_demo_model(tmp, spec)
+        build(tmp)
         try:
             tmp.rename(target)
         except OSError:
-            if not (target / "model.safetensors").is_file():
+            if not complete(target):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def build_demo_model(out_dir: Path, spec: DemoModelSpec) -> None:

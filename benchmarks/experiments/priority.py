@@ -50,6 +50,7 @@ from benchmarks.experiments.trials import (
     results_dir,
     rotations,
     run_meta,
+    write_summary,
 )
 from engine.config import DEMO_MODEL
 
@@ -497,11 +498,7 @@ def main(argv: list[str] | None = None) -> int:
             s.stop()
     meta = run_meta(PROG, args, a.trials, config=asdict(cfg), model=DEMO_MODEL)
     summary = {"meta": meta, **summarize(trials), "trials": trials}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    table = render(summary, meta)
-    (out / "summary.md").write_text(table)
-    print(table)
-    print(f"report: {out / 'summary.md'}")
+    write_summary(out, "summary", summary, render(summary, meta))
     return 0
 
 

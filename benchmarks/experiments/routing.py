@@ -41,7 +41,14 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.experiments.local_servers import ServerProcess, free_port, start_and_wait
-from benchmarks.experiments.trials import ENGINE, fmt, results_dir, rotations, run_meta
+from benchmarks.experiments.trials import (
+    ENGINE,
+    fmt,
+    results_dir,
+    rotations,
+    run_meta,
+    write_summary,
+)
 from benchmarks.harness.api import Target, report, run_workload, shares
 from engine.config import DEMO_MODEL
 
@@ -378,11 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     meta = run_meta(PROG, argv, args.trials, setup=setup)
     summary = {"meta": meta, **summarize(trials), "trials": trials}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    table = markdown(summary, meta)
-    (out / "summary.md").write_text(table)
-    print(table)
-    print(f"results in {out}")
+    write_summary(out, "summary", summary, markdown(summary, meta))
     return 0
 
 

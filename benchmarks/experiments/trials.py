@@ -279,8 +279,12 @@ def write_report(
     """<stem>.json (settings, medians, every trial) and <stem>.md (the tables), printed."""
     summary = summarize(trials)
     data = {"meta": meta, "summary": summary, "trials": [asdict(t) for t in trials]}
+    write_summary(out, stem, data, render(summary, meta))
+
+
+def write_summary(out: Path, stem: str, data: dict[str, Any], table: str) -> None:
+    """<stem>.json (`data`) and <stem>.md (`table`), the table printed."""
     (out / f"{stem}.json").write_text(json.dumps(data, indent=2))
-    table = render(summary, meta)
     (out / f"{stem}.md").write_text(table)
     print(table)
     print(f"report: {out / f'{stem}.md'}")

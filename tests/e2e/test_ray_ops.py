@@ -228,7 +228,7 @@ async def _engines_idle(cluster: Cluster, within: float) -> float:
 async def test_stalled_streams_and_idle_connections_at_the_proxy(cluster):
     alone = await median_tpot(cluster.url, {})
     proxy_before = cluster.proxy_rss_mib()
-    body = {**STALLED_BODY, "max_tokens": 800}
+    body = {**STALLED_BODY, "max_tokens": 400}
     sockets = await asyncio.to_thread(stall, 32, "127.0.0.1", cluster.port, {}, body)
     try:
         during = await median_tpot(cluster.url, {})

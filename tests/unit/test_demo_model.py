@@ -5,7 +5,16 @@ from __future__ import annotations
 import hashlib
 import json
 
-from engine.demo_model import INFILL_PIECES, DemoModelSpec, build_demo_model, cache_key, corpus_text
+import pytest
+
+from engine.demo_model import (
+    INFILL_PIECES,
+    DemoModelSpec,
+    build_demo_model,
+    build_in_place,
+    cache_key,
+    corpus_text,
+)
 
 
 def _digests(path):
@@ -40,3 +49,31 @@ def test_the_cached_model_is_a_tiny_llama(demo_model_dir, demo_tokenizer):
     vocab = demo_tokenizer.get_vocab()
     assert [vocab[p] for p in INFILL_PIECES] == list(range(len(vocab) - 4, len(vocab)))
     assert demo_tokenizer.bos_token_id == 1 and demo_tokenizer.eos_token_id == 2
+
+
+def test_a_build_lands_whole_or_not_at_all(tmp_path):
+    target = tmp_path / "cache" / "model"
+
+    def complete(path):
+        return (path / "weights").is_file()
+
+    def crash(out):
+        (out / "half").write_text("x")
+        raise RuntimeError("killed mid-build")
+
+    with pytest.raises(RuntimeError):
+        build_in_place(target, crash, complete)
+    assert not target.exists() and list(target.parent.iterdir()) == []  # nothing half-made
+
+    def build(out):
+        (out / "weights").write_text("ours")
+
+    build_in_place(target, build, complete)
+    assert (target / "weights").read_text() == "ours"
+
+    def concurrent(out):  # another build got there first: its result stands
+        (out / "weights").write_text("theirs")
+
+    build_in_place(target, concurrent, complete)
+    assert (target / "weights").read_text() == "ours"
+    assert [p.name for p in target.parent.iterdir()] == ["model"]

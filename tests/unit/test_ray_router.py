@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import threading
 import uuid
 from types import SimpleNamespace
@@ -112,6 +113,24 @@ async def test_a_saturated_replica_stops_receiving_affinity_traffic(router):
     assert await pick(router, [a, b], request(fim(3100))) in ("a", "b")  # both warm now
     hot.queue_len = 9
     assert await pick(router, [a, b], request(fim(3150))) == cold.replica_id.unique_id
+
+
+async def test_at_debug_level_each_decision_is_logged(router, demo_model_dir, caplog):
+    a, b = FakeReplica("a"), FakeReplica("b")
+    router.update_replicas([a, b])
+    await pick(router, [a, b], request(fim(3000)))
+    assert not [r for r in caplog.records if r.name == "engine.ray.router"]  # info: quiet
+    engine_logger = logging.getLogger("engine")
+    level = engine_logger.level
+    try:
+        router.initialize_state(model="demo", tokenizer=str(demo_model_dir), log_level="debug")
+        router.prompts_loading.result(timeout=60)
+        router.update_replicas([a, b])
+        chosen = await pick(router, [a, b], request(fim(3000)))
+    finally:
+        engine_logger.setLevel(level)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "engine.ray.router"]
+    assert line.startswith(f"routed to {chosen} by ") and "(guard None)" in line, line
 
 
 async def test_routed_requests_count_as_load_until_the_next_probe(router, monkeypatch):
