@@ -1,10 +1,16 @@
-"""The operations server: one real server (vLLM on the demo model) for the tracing,
-slow-client, idle-connection and per-key-limit tests, with the settings they exercise:
-API keys with limits, OTLP traces to a receiver in the test process, a short stream write
-timeout and a small socket send buffer."""
+"""Real servers (vLLM on the demo model) shared by several integration modules:
+
+- the operations server, for the tracing, slow-client, idle-connection and per-key-limit
+  tests, with the settings they exercise: API keys with limits, OTLP traces to a receiver
+  in the test process, a short stream write timeout and a small socket send buffer;
+- the engine-features server, for test_speculative and test_structured_outputs: n-gram
+  speculation and xgrammar structured outputs on one engine (a combination users run;
+  neither changes an unconstrained request's greedy output), one engine start for both.
+"""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,6 +25,11 @@ TPM_KEY = "sk-tokens-tpm-1000"  # tpm=1000
 TPM = 1000
 WRITE_TIMEOUT_S = 2.0
 SEND_BUFFER_BYTES = 16384
+NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
+         "prompt_lookup_min": 2}  # fmt: skip
+# Compact JSON: otherwise the demo model fills the space between JSON tokens with
+# whitespace until max_tokens.
+STRUCTURED = {"backend": "xgrammar", "disable_any_whitespace": True}
 
 
 @dataclass
@@ -65,3 +76,13 @@ def ops(
         },
     ) as srv:  # fmt: skip
         yield OpsServer(srv, otlp_receiver)
+
+
+@pytest.fixture(scope="session")
+def engine_features(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    with serving(
+        tmp_path_factory.mktemp("engine-features"),
+        "--speculative-config", json.dumps(NGRAM),
+        "--structured-outputs-config", json.dumps(STRUCTURED),
+    ) as srv:  # fmt: skip
+        yield srv

@@ -31,6 +31,7 @@ from schemathesis.generation.modes import GenerationMode
 
 from engine.demo_lora import DEMO_LORA_NAME, ensure_demo_lora
 from tests.conftest import ServerProcess, serving
+from tests.integration.conftest import NGRAM, STRUCTURED
 
 pytestmark = pytest.mark.engine
 
@@ -40,11 +41,6 @@ ADMIN, USER, BASE_ONLY, ANY = "sk-ops-admin", "sk-team-a", "sk-base-only", "sk-a
 MAX_LORAS, MAX_CPU_LORAS = 2, 3  # the demo adapter + room for two loaded at runtime
 PROMPTS = ("def test_parse(self):\n", "import os\n\n\ndef main(", "class Stack:\n    def ")
 GREEDY = {"temperature": 0, "max_tokens": 24}
-NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4,
-         "prompt_lookup_min": 2}  # fmt: skip
-# Compact JSON: otherwise the demo model fills the space between JSON tokens with
-# whitespace until max_tokens (as in test_structured_outputs.py).
-STRUCTURED = {"backend": "xgrammar", "disable_any_whitespace": True}
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,10 @@ import re
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess, serving
+from tests.conftest import ServerProcess
+from tests.integration.conftest import NGRAM
 
-K = 4
-NGRAM = json.dumps(
-    {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
-)
+K = NGRAM["num_speculative_tokens"]
 REWRITE = (
     "def mean(xs):\n    total = 0\n    for x in xs:\n        total += x\n"
     "    return total / len(xs)\n"
@@ -29,9 +27,8 @@ PROMPTS = [REWRITE, "import os\nimport sys\nimport os\nimport", "def fibonacci(n
 
 
 @pytest.fixture(scope="module")
-def speculative(tmp_path_factory) -> ServerProcess:
-    with serving(tmp_path_factory.mktemp("speculative"), "--speculative-config", NGRAM) as srv:
-        yield srv
+def speculative(engine_features) -> ServerProcess:
+    return engine_features  # n-gram speculation (structured outputs configured too)
 
 
 def complete(srv: ServerProcess, prompt: str, **extra) -> httpx.Response:

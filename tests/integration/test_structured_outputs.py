@@ -17,7 +17,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import ServerProcess, serving
+from tests.conftest import ServerProcess
 
 MODEL = "codellama-serve-demo"
 SCHEMA = {
@@ -41,12 +41,8 @@ GRAMMAR_TEXT = r"def [a-z][a-z_]{0,8}\([a-z][a-z_]{0,8}\):"
 
 
 @pytest.fixture(scope="module")
-def structured(tmp_path_factory) -> ServerProcess:
-    with serving(
-        tmp_path_factory.mktemp("structured"),
-        "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
-    ) as srv:  # fmt: skip
-        yield srv
+def structured(engine_features) -> ServerProcess:
+    return engine_features  # xgrammar, compact JSON (n-gram speculation on too)
 
 
 @pytest.fixture(scope="module")
