@@ -25,9 +25,11 @@ from engine.config import DEMO_LORA, ResolvedSettings
 log = logging.getLogger(__name__)
 
 # How long vLLM's engine core waits for its worker process to exit by itself before
-# it sends SIGTERM (vLLM's default: 5 s). On CPU the worker never does, and our
-# process waits 5 s for the engine core: every stop then took 5 s more and ended in a
-# SIGKILL of both. By the time the engine stops nothing is in flight (drained).
+# it sends SIGTERM (vLLM's default: 5 s; the environment can still set it). On CPU the
+# worker was still running when those 5 s ran out, and our process waits 5 s for the
+# engine core, so every stop took over 5 s and ended in a SIGKILL of both. With 1 s
+# the engine core exits by itself, about 3 s after the stop. By then nothing is in
+# flight (drained).
 WORKER_EXIT_WAIT_S = 1
 
 GIB = 1 << 30
