@@ -131,7 +131,7 @@ async def _hold_stream(client: httpx.AsyncClient, n: int, seen: dict[int, str],
 
 async def test_a_busy_replica_stops_receiving_the_sessions_traffic(ray_app):
     """One session opening many long streams: affinity keeps it on its replica only
-    until that replica is routing_max_imbalance (4) requests ahead of the other."""
+    while that replica is at most routing_max_imbalance (4) requests ahead of the other."""
     seen: dict[int, str] = {}  # by the order sent
     all_seen, stop = asyncio.Event(), asyncio.Event()
     streams = []
