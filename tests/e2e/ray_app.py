@@ -8,7 +8,9 @@ machine (`ray stop` would stop them all).
 Behind the HAProxy ingress a stopping replica stays open for Ray's minimum drain period
 (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S, 30 s by default, for load balancers to
 deregister it) even when idle; these apps set 5 s, so a scale-down or a teardown does not
-wait out the default twice.
+wait out the default twice. Their replicas also report autoscaling metrics every second
+(RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S, 10 s by default), so the
+autoscaler sees a load step within the tests' few-second look-back windows.
 """
 
 from __future__ import annotations
@@ -40,7 +42,11 @@ class RayApp:
         cfg = tmp / "ray.yaml"
         cfg.write_text(yaml.safe_dump({**config, "ray": ray}))
         self.log_path = tmp / "ray-serve.log"
-        env = {**os.environ, "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
+        env = {
+            **os.environ,
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+            "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+        }
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "engine", "serve", "--ray", "--config", str(cfg)],

@@ -48,6 +48,9 @@ RETRY_WINDOW_S = 10.0  # a client retrying 503s this long after the kill always 
 DRAIN_TIMEOUT_S = 20.0
 MIB = 1 << 20
 OTEL_ENV = {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "200"}
+# Replicas report their autoscaling metrics every second rather than Ray's 10 s, so the
+# scale-down acts within its own delay (the look-back is 2 s).
+RAY_ENV = {**OTEL_ENV, "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
 
 
 def app_settings(receiver: OTLPReceiver, **ray: Any) -> dict[str, Any]:
@@ -75,8 +78,8 @@ class Cluster:
         self.receiver = receiver
         self.port = free_port()
         # Ray's processes (and so the replicas) inherit the environment of this driver.
-        self._saved_env = {k: os.environ.get(k) for k in OTEL_ENV}
-        os.environ.update(OTEL_ENV)
+        self._saved_env = {k: os.environ.get(k) for k in RAY_ENV}
+        os.environ.update(RAY_ENV)
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
 
