@@ -31,6 +31,12 @@ import yaml
 
 from tests.conftest import ROOT, free_port
 
+# Ray's settings for the test apps (the docstring says why); Ray's processes read them
+# from the environment they inherit.
+RAY_TEST_ENV = {
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+    "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
+}
 REPLICAS = re.compile(r"^(\S+ \S+) INFO engine\.ray: replicas: (.*)$")
 
 
@@ -42,11 +48,7 @@ class RayApp:
         cfg = tmp / "ray.yaml"
         cfg.write_text(yaml.safe_dump({**config, "ray": ray}))
         self.log_path = tmp / "ray-serve.log"
-        env = {
-            **os.environ,
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
-            "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1",
-        }
+        env = {**os.environ, **RAY_TEST_ENV}
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "engine", "serve", "--ray", "--config", str(cfg)],

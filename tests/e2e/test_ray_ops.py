@@ -29,6 +29,7 @@ import psutil
 import pytest
 
 from tests.conftest import free_port
+from tests.e2e.ray_app import RAY_TEST_ENV
 from tests.otlp_receiver import OTLPReceiver
 from tests.ray_load import Load, Outcome
 from tests.slow_clients import (
@@ -48,9 +49,10 @@ RETRY_WINDOW_S = 10.0  # a client retrying 503s this long after the kill always 
 DRAIN_TIMEOUT_S = 20.0
 MIB = 1 << 20
 OTEL_ENV = {"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf", "OTEL_BSP_SCHEDULE_DELAY": "200"}
-# Replicas report their autoscaling metrics every second rather than Ray's 10 s, so the
-# scale-down acts within its own delay (the look-back is 2 s).
-RAY_ENV = {**OTEL_ENV, "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
+# With the other Ray e2e apps' settings: replicas report autoscaling metrics every second
+# (not Ray's 10 s), so the scale-down acts within its own delay (the look-back is 2 s);
+# the direct-ingress drain period does not apply behind Ray's proxy.
+RAY_ENV = {**OTEL_ENV, **RAY_TEST_ENV}
 
 
 def app_settings(receiver: OTLPReceiver, **ray: Any) -> dict[str, Any]:
